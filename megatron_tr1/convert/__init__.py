@@ -1,0 +1,1 @@
+"""HF <-> Megatron checkpoint conversion; mapping.py is the one name/shape table."""

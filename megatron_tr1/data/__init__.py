@@ -1,0 +1,1 @@
+"""Data: annotations, videos, Qwen2.5-VL preprocessing, synthetic data."""
