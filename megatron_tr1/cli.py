@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("megatron_tr1.eval.evaluate", "evaluate a model or a trivial baseline: mIoU, R@0.3/0.5/0.7"),
     "convert": ("megatron_tr1.convert.cli", "convert checkpoints: hf-to-mcore / mcore-to-hf"),
     "verify": ("megatron_tr1.convert.verify", "compare Megatron and HF logits on the same input"),
+    "plan": ("megatron_tr1.plan", "estimate per-GPU memory for TP/PP/DP layouts and recommend one"),
 }
 
 

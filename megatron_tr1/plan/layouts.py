@@ -1,0 +1,76 @@
+"""Candidate TP x PP x DP layouts for a cluster, and the recommended one.
+
+TP must divide the attention heads, the query groups, the vocabulary, the vision heads and both FFN widths
+(megatron-core's column-parallel linears assert it; Qwen2.5-VL's vision FFN of 3420 = 4 * 855 rules out TP 8),
+and ``--gpus-per-node`` so a TP group never leaves a node. PP must divide the decoder layers. TP * PP must divide
+the GPU count; DP is the rest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_tr1.errors import ConfigError
+from megatron_tr1.plan.memory import Breakdown, layout_peak
+from megatron_tr1.plan.models import ModelSpec
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def tp_blockers(spec: ModelSpec, tp: int, gpus_per_node: int) -> list[str]:
+    """Why ``tp`` cannot shard this model on these nodes; empty when it can."""
+    t, v = spec.text, spec.vision
+    sizes = [("num_attention_heads", t.heads), ("num_key_value_heads", t.kv_heads), ("vocab_size", t.vocab),
+             ("intermediate_size", t.ffn), ("vision num_heads", v.heads), ("vision intermediate_size", v.ffn),
+             ("--gpus-per-node", gpus_per_node)]
+    return [f"{name} {n} is not divisible by {tp}" for name, n in sizes if n % tp]
+
+
+def enumerate_layouts(spec: ModelSpec, gpus_per_node: int, nodes: int, tp: int | None = None,
+                      pp: int | None = None) -> tuple[list[Layout], dict[int, list[str]]]:
+    """Valid layouts (optionally pinned to ``tp`` / ``pp``), and the TP sizes ruled out with their reasons."""
+    if gpus_per_node < 1 or nodes < 1:
+        raise ConfigError(f"--gpus-per-node {gpus_per_node} and --nodes {nodes} must both be at least 1")
+    world = gpus_per_node * nodes
+    layers = spec.text.layers
+    if tp is not None:
+        if tp < 1 or tp > gpus_per_node:
+            raise ConfigError(f"--tp {tp}: must be between 1 and --gpus-per-node {gpus_per_node}")
+        if reasons := tp_blockers(spec, tp, gpus_per_node):
+            raise ConfigError(f"--tp {tp} cannot shard {spec.name}: " + "; ".join(reasons))
+    if pp is not None and (pp < 1 or layers % pp):
+        raise ConfigError(f"--pp {pp}: must divide the {layers} decoder layers of {spec.name}")
+    if tp is not None and pp is not None and world % (tp * pp):
+        raise ConfigError(f"--tp {tp} x --pp {pp} = {tp * pp} does not divide the {world} GPUs "
+                          f"({nodes} nodes x {gpus_per_node})")
+    excluded = {}
+    layouts = []
+    for t in [tp] if tp is not None else divisors(gpus_per_node):
+        if reasons := tp_blockers(spec, t, gpus_per_node):
+            excluded[t] = reasons
+            continue
+        for p in [pp] if pp is not None else divisors(layers):
+            if world % (t * p) == 0:
+                layouts.append(Layout(t, p, world // (t * p)))
+    if not layouts:
+        raise ConfigError(f"--pp {pp} does not divide the {world} GPUs ({nodes} nodes x {gpus_per_node})")
+    return sorted(layouts, key=rank_key), excluded
+
+
+def rank_key(layout: Layout) -> tuple[int, int]:
+    """Smallest model-parallel size first; at equal TP * PP, more TP (inside a node, no pipeline bubble)."""
+    return layout.tp * layout.pp, -layout.tp
+
+
+def recommend(rows: list[tuple[Layout, list[Breakdown]]], usable_bytes: float) -> Layout | None:
+    """The best-ranked layout whose every stage fits in ``usable_bytes``; most DP follows from the smallest TP * PP."""
+    fitting = [layout for layout, stages in rows if layout_peak(stages) <= usable_bytes]
+    return min(fitting, key=rank_key) if fitting else None
