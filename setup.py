@@ -25,7 +25,7 @@ EXTRAS = {
     "gpu": ["transformer-engine[pytorch]", "vllm", "nvidia-dali-cuda130"],
     # CPU test machines: pytest and the CPU stand-ins the tests need (DALI's CPU decoder for the
     # DALI path on VP9 files).
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "nvidia-dali-cuda130"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "Pillow>=10", "nvidia-dali-cuda130"],
 }
 
 setup(
