@@ -1,0 +1,363 @@
+"""THE HF <-> Megatron table for Qwen2.5-VL: names, fusion (QKV, gate/up) and TP split, one tensor at a time.
+
+``params(dims, pp_rank, pp_size)`` lists the :class:`Param` s of one pipeline stage: the Megatron name (local
+layer index, "local" spelling), the HF names it is made of (``save_pretrained`` on-disk layout, global layer
+index) and how it is fused and split by TP (its ``kind``). ``split`` makes one TP shard from the HF tensors,
+``merge`` rebuilds the HF tensors from all TP shards. Conversion, ``tr1 verify``, resharding and the rollout
+weight sync all iterate this table; nothing else knows HF names.
+
+Megatron layouts: ``linear_qkv`` rows are, per query group (groups split contiguously over TP), the group's q
+heads then its k head then its v head (the vision tower has one group per head); ``linear_fc1`` of a TP shard is
+``cat[gate_shard, up_shard]``. Column-parallel tensors split on dim 0, row-parallel on dim 1 (their biases are
+replicated), norms and the patch embedding are replicated. Layers are split evenly over PP stages; the vision
+tower and the word embedding live on the first stage, the final norm and output layer on the last. With tied
+embeddings and PP > 1 the last stage holds Megatron's copy of the embedding as ``output_layer``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+
+from megatron_tr1.errors import CheckpointError, ConfigError
+
+REPLICATED, COLUMN, ROW, QKV, QKV_FUSED, GATE_UP = "replicated", "column", "row", "qkv", "qkv_fused", "gate_up"
+SPECS = ("local", "te")
+# transformer-engine spec fuses the pre-attention / pre-MLP norms into the following linear.
+_TE_NORMS = {".input_layernorm.weight": ".self_attention.linear_qkv.layer_norm_weight",
+             ".pre_mlp_layernorm.weight": ".mlp.linear_fc1.layer_norm_weight"}
+# transformers >= 5 in-memory prefixes -> save_pretrained (on-disk) prefixes.
+_HF_MEMORY_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+_LIST_MAX = 12
+
+
+def hf_disk_name(name: str) -> str:
+    """The ``save_pretrained`` (on-disk) spelling of an HF name given in either layout."""
+    for memory, disk in _HF_MEMORY_PREFIXES:
+        if name.startswith(memory):
+            return disk + name[len(memory):]
+    return name
+
+
+def mcore_local_name(name: str) -> str:
+    """The "local"-spec spelling of a Megatron name given in local or transformer-engine spelling."""
+    for local, te in _TE_NORMS.items():
+        if name.endswith(te):
+            return name[: -len(te)] + local
+    return name
+
+
+def mcore_spec_name(name: str, spec: str) -> str:
+    """A local-spelling Megatron name in the spelling of ``spec`` ("local" or "te")."""
+    if spec == "te":
+        for local, te in _TE_NORMS.items():
+            if name.endswith(local) and ".decoder.layers." in name:
+                return name[: -len(local)] + te
+    return name
+
+
+def is_weight_name(mcore_name: str) -> bool:
+    """False for Megatron state-dict entries that are not weights (transformer-engine ``_extra_state``)."""
+    return not mcore_name.endswith("_extra_state")
+
+
+def name_list(names) -> str:
+    """``a, b, c (+N more)``: a bounded, sorted listing of tensor names for one-line error messages."""
+    names = sorted(names)
+    more = f" (+{len(names) - _LIST_MAX} more)" if len(names) > _LIST_MAX else ""
+    return ", ".join(names[:_LIST_MAX]) + more
+
+
+def _last_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes of a Qwen2.5-VL model that the table needs, read from its HF config."""
+
+    hidden: int
+    ffn: int
+    heads: int
+    groups: int
+    vocab: int
+    layers: int
+    tied: bool
+    v_hidden: int
+    v_ffn: int
+    v_heads: int
+    v_depth: int
+    v_out: int
+    v_merge: int  # spatial_merge_size
+    v_patch: tuple[int, int, int, int]  # patch embedding kernel: in_channels, temporal, patch, patch
+    source: str = "config.json"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def v_head_dim(self) -> int:
+        return self.v_hidden // self.v_heads
+
+    @property
+    def merger_hidden(self) -> int:
+        return self.v_hidden * self.v_merge ** 2
+
+    @classmethod
+    def from_hf_config(cls, config: Any, source: str = "config.json") -> "Dims":
+        """From a ``Qwen2_5_VLConfig``, or a config.json dict in the transformers 4 or 5 layout."""
+        from transformers import Qwen2_5_VLConfig
+
+        if isinstance(config, Mapping):
+            try:
+                config = Qwen2_5_VLConfig.from_dict(dict(config))
+            except Exception as e:  # transformers' own validation, e.g. layer_types vs num_hidden_layers
+                raise ConfigError(f"{source}: not a valid Qwen2.5-VL config ({_last_line(e)}); fix the field "
+                                  "or re-export the config with save_pretrained") from None
+        t, v = config.text_config, config.vision_config
+        try:
+            return cls(hidden=t.hidden_size, ffn=t.intermediate_size, heads=t.num_attention_heads,
+                       groups=t.num_key_value_heads, vocab=t.vocab_size, layers=t.num_hidden_layers,
+                       tied=bool(config.tie_word_embeddings), v_hidden=v.hidden_size, v_ffn=v.intermediate_size,
+                       v_heads=v.num_heads, v_depth=v.depth, v_out=v.out_hidden_size,
+                       v_merge=v.spatial_merge_size,
+                       v_patch=(v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size), source=source)
+        except AttributeError as e:
+            raise ConfigError(f"{source}: not a Qwen2.5-VL config ({e}); pass the config.json of a "
+                              "Qwen2_5_VLForConditionalGeneration checkpoint") from None
+
+    def validate(self, tp_size: int, pp_size: int) -> None:
+        """Raise ConfigError unless TP divides every split size and PP divides the number of layers."""
+        if tp_size < 1 or pp_size < 1:
+            raise ConfigError(f"--tp {tp_size} --pp {pp_size}: both must be >= 1")
+        if self.heads % self.groups:
+            raise ConfigError(f"{self.source}: text_config.num_attention_heads={self.heads} is not a multiple of "
+                              f"num_key_value_heads={self.groups}; the config is inconsistent")
+        for field, value in (("text_config.num_attention_heads", self.heads),
+                             ("text_config.num_key_value_heads", self.groups),
+                             ("text_config.vocab_size", self.vocab),
+                             ("text_config.intermediate_size", self.ffn),
+                             ("vision_config.num_heads", self.v_heads),
+                             ("vision_config.intermediate_size", self.v_ffn),
+                             ("vision_config.hidden_size*spatial_merge_size**2", self.merger_hidden)):
+            if value % tp_size:
+                raise ConfigError(f"--tp {tp_size} does not divide {field}={value} ({self.source}); choose a TP "
+                                  f"size that divides it")
+        if self.layers % pp_size:
+            raise ConfigError(f"--pp {pp_size} does not divide text_config.num_hidden_layers={self.layers} "
+                              f"({self.source}); choose a PP size that divides it")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One Megatron tensor of one pipeline stage and the HF tensors it is made of."""
+
+    mcore: str  # local-spelling name with the stage-local layer index
+    hf: tuple[str, ...]  # HF on-disk names, in fusion order (q, k, v / gate, up)
+    kind: str
+    hf_shapes: tuple[tuple[int, ...], ...]
+    groups: int = 0  # QKV kinds: query groups, heads per group, head dim
+    heads_per_group: int = 0
+    head_dim: int = 0
+    embedding_copy: bool = False  # tied output layer on the last stage: not a separate HF tensor
+
+    def expected_shard_shape(self, tp_size: int) -> tuple[int, ...]:
+        """The shape of one TP shard."""
+        first = self.hf_shapes[0]
+        if self.kind == REPLICATED:
+            return first
+        if self.kind == ROW:
+            return (first[0], first[1] // tp_size)
+        rows = sum(s[0] for s in self.hf_shapes) // tp_size
+        return (rows, *first[1:])
+
+
+def _layer(prefix_m: str, prefix_h: str, i: int, g: int, d: Dims, vision: bool) -> list[Param]:
+    m, h = f"{prefix_m}.decoder.layers.{i}.", f"{prefix_h}.{g}."
+    hid, ffn = (d.v_hidden, d.v_ffn) if vision else (d.hidden, d.ffn)
+    if vision:
+        hd, groups, hpg = d.v_head_dim, d.v_heads, 1
+        norm1, norm2, attn, o_proj = "norm1", "norm2", "attn.", "attn.proj"
+    else:
+        hd, groups, hpg = d.head_dim, d.groups, d.heads // d.groups
+        norm1, norm2, attn, o_proj = "input_layernorm", "post_attention_layernorm", "self_attn.", "self_attn.o_proj"
+    qkv = dict(groups=groups, heads_per_group=hpg, head_dim=hd)
+    out = [Param(m + "input_layernorm.weight", (h + norm1 + ".weight",), REPLICATED, ((hid,),))]
+    for suffix in ("weight", "bias"):
+        tail = (hid,) if suffix == "weight" else ()
+        if vision:
+            out.append(Param(m + f"self_attention.linear_qkv.{suffix}", (h + f"attn.qkv.{suffix}",), QKV_FUSED,
+                             ((3 * hid, *tail),), **qkv))
+        else:
+            out.append(Param(m + f"self_attention.linear_qkv.{suffix}",
+                             tuple(h + f"{attn}{x}_proj.{suffix}" for x in "qkv"), QKV,
+                             ((d.heads * hd, *tail), (groups * hd, *tail), (groups * hd, *tail)), **qkv))
+    out.append(Param(m + "self_attention.linear_proj.weight", (h + o_proj + ".weight",), ROW, ((hid, hid),)))
+    if vision:
+        out.append(Param(m + "self_attention.linear_proj.bias", (h + o_proj + ".bias",), REPLICATED, ((hid,),)))
+    out.append(Param(m + "pre_mlp_layernorm.weight", (h + norm2 + ".weight",), REPLICATED, ((hid,),)))
+    for suffix in ("weight", "bias") if vision else ("weight",):
+        tail = (hid,) if suffix == "weight" else ()
+        out.append(Param(m + f"mlp.linear_fc1.{suffix}", (h + f"mlp.gate_proj.{suffix}", h + f"mlp.up_proj.{suffix}"),
+                         GATE_UP, ((ffn, *tail), (ffn, *tail))))
+    out.append(Param(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), ROW, ((hid, ffn),)))
+    if vision:
+        out.append(Param(m + "mlp.linear_fc2.bias", (h + "mlp.down_proj.bias",), REPLICATED, ((hid,),)))
+    return out
+
+
+def params(d: Dims, pp_rank: int, pp_size: int) -> list[Param]:
+    """The Params of pipeline stage ``pp_rank`` (vision, embedding, layers, final norm, output), in order."""
+    out: list[Param] = []
+    per_stage = d.layers // pp_size
+    if pp_rank == 0:
+        out.append(Param("vision.patch_embed.proj.weight", ("visual.patch_embed.proj.weight",), REPLICATED,
+                         ((d.v_hidden, *d.v_patch),)))
+        for i in range(d.v_depth):
+            out += _layer("vision", "visual.blocks", i, i, d, vision=True)
+        mh = d.merger_hidden
+        out += [Param("vision.merger.ln_q.weight", ("visual.merger.ln_q.weight",), REPLICATED, ((d.v_hidden,),)),
+                Param("vision.merger.linear_fc1.weight", ("visual.merger.mlp.0.weight",), COLUMN, ((mh, mh),)),
+                Param("vision.merger.linear_fc1.bias", ("visual.merger.mlp.0.bias",), COLUMN, ((mh,),)),
+                Param("vision.merger.linear_fc2.weight", ("visual.merger.mlp.2.weight",), ROW, ((d.v_out, mh),)),
+                Param("vision.merger.linear_fc2.bias", ("visual.merger.mlp.2.bias",), REPLICATED, ((d.v_out,),)),
+                Param("language_model.embedding.word_embeddings.weight", ("model.embed_tokens.weight",), COLUMN,
+                      ((d.vocab, d.hidden),))]
+    for i in range(per_stage):
+        out += _layer("language_model", "model.layers", i, pp_rank * per_stage + i, d, vision=False)
+    if pp_rank == pp_size - 1:
+        out.append(Param("language_model.decoder.final_layernorm.weight", ("model.norm.weight",), REPLICATED,
+                         ((d.hidden,),)))
+        if not d.tied:
+            out.append(Param("language_model.output_layer.weight", ("lm_head.weight",), COLUMN, ((d.vocab, d.hidden),)))
+        elif pp_size > 1:
+            out.append(Param("language_model.output_layer.weight", ("model.embed_tokens.weight",), COLUMN,
+                             ((d.vocab, d.hidden),), embedding_copy=True))
+    return out
+
+
+def all_params(d: Dims, pp_size: int) -> Iterator[tuple[int, Param]]:
+    """``(pp_rank, Param)`` for every stage, in checkpoint order."""
+    for pp_rank in range(pp_size):
+        for p in params(d, pp_rank, pp_size):
+            yield pp_rank, p
+
+
+def expected_hf_names(d: Dims) -> tuple[set[str], set[str]]:
+    """(required, optional) HF on-disk names of a full checkpoint; ``lm_head.weight`` is optional when tied."""
+    required = {n for _, p in all_params(d, 1) for n in p.hf}
+    return required, ({"lm_head.weight"} if d.tied else set())
+
+
+def _check_shapes(p: Param, hf_tensors: list[torch.Tensor], source: str) -> None:
+    for name, t, shape in zip(p.hf, hf_tensors, p.hf_shapes):
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"config mismatch: tensor {name} has shape {tuple(t.shape)} but {source} implies "
+                                  f"{shape}; use the config.json that belongs to these weights")
+
+
+def split(p: Param, hf_tensors: list[torch.Tensor], tp_rank: int, tp_size: int, source: str = "config.json"
+          ) -> torch.Tensor:
+    """The TP shard ``tp_rank`` of ``p`` (a fresh contiguous tensor) from its HF tensors (in ``p.hf`` order)."""
+    _check_shapes(p, hf_tensors, source)
+    if p.kind == REPLICATED:
+        return hf_tensors[0].clone()
+    if p.kind in (COLUMN, ROW):
+        return hf_tensors[0].chunk(tp_size, dim=0 if p.kind == COLUMN else 1)[tp_rank].clone()
+    if p.kind == GATE_UP:
+        return torch.cat([t.chunk(tp_size, dim=0)[tp_rank] for t in hf_tensors])
+    q, k, v = hf_tensors if p.kind == QKV else hf_tensors[0].chunk(3, dim=0)
+    g, rest = p.groups, tuple(q.shape[1:])
+    fused = torch.cat([q.reshape(g, p.heads_per_group * p.head_dim, *rest), k.reshape(g, p.head_dim, *rest),
+                       v.reshape(g, p.head_dim, *rest)], dim=1)
+    return fused.chunk(tp_size, dim=0)[tp_rank].reshape(-1, *rest).clone()
+
+
+def merge(p: Param, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The HF tensors of ``p`` (name -> tensor) from its TP shards in TP-rank order; inverse of ``split``."""
+    if p.kind == REPLICATED:
+        return {p.hf[0]: shards[0]}
+    if p.kind in (COLUMN, ROW):
+        return {p.hf[0]: torch.cat(shards, dim=0 if p.kind == COLUMN else 1)}
+    if p.kind == GATE_UP:
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return {p.hf[0]: torch.cat([h[0] for h in halves]), p.hf[1]: torch.cat([h[1] for h in halves])}
+    rest = tuple(shards[0].shape[1:])
+    fused = torch.cat(shards).reshape(p.groups, (p.heads_per_group + 2) * p.head_dim, *rest)
+    q, k, v = fused.split([p.heads_per_group * p.head_dim, p.head_dim, p.head_dim], dim=1)
+    q, k, v = (x.reshape(-1, *rest).clone() for x in (q, k, v))  # own storage: safetensors refuses views
+    if p.kind == QKV_FUSED:
+        return {p.hf[0]: torch.cat([q, k, v])}
+    return dict(zip(p.hf, (q, k, v)))
+
+
+HFState = Union[Mapping[str, torch.Tensor], Callable[[str], torch.Tensor]]
+
+
+def hf_getter(hf_state: HFState, d: Dims, pp_rank: int | None, pp_size: int, source: str = "HF state"
+              ) -> Callable[[str], torch.Tensor]:
+    """A name -> tensor getter over either HF layout. For a Mapping, first checks that no tensor of stage
+    ``pp_rank`` (all stages if None) is missing and that no name is unexpected (CheckpointError listing them)."""
+    if not isinstance(hf_state, Mapping):
+        return lambda name: hf_state(name)
+    by_disk = {hf_disk_name(k): k for k in hf_state.keys()}
+    required, optional = expected_hf_names(d)
+    stages = range(pp_size) if pp_rank is None else [pp_rank]
+    needed = {n for s in stages for p in params(d, s, pp_size) for n in p.hf}
+    missing = needed - by_disk.keys()
+    if missing:
+        raise CheckpointError(f"{source}: missing {len(missing)} tensor(s): {name_list(missing)}; the checkpoint "
+                              f"is incomplete or does not match {d.source}")
+    unexpected = by_disk.keys() - required - optional
+    if unexpected:
+        raise CheckpointError(f"{source}: {len(unexpected)} unexpected tensor(s): {name_list(unexpected)}; is this "
+                              f"a Qwen2.5-VL checkpoint matching {d.source}?")
+    return lambda name: hf_state[by_disk[name]]
+
+
+def hf_to_mcore_state(hf_state: HFState, hf_config: Any, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int,
+                      spec: str = "local") -> dict[str, torch.Tensor]:
+    """The Megatron state dict of rank (tp_rank, pp_rank) from a full HF state (Mapping in either layout, or a
+    getter taking on-disk names) and its config (``Qwen2_5_VLConfig`` or config.json dict)."""
+    d = hf_config if isinstance(hf_config, Dims) else Dims.from_hf_config(hf_config)
+    d.validate(tp_size, pp_size)
+    get = hf_getter(hf_state, d, pp_rank, pp_size)
+    return {mcore_spec_name(p.mcore, spec): split(p, [get(n) for n in p.hf], tp_rank, tp_size, d.source)
+            for p in params(d, pp_rank, pp_size)}
+
+
+def mcore_to_hf(p: Param, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF full tensors of one Param from all its TP shards (``{}`` for the tied output copy, which is not an HF
+    tensor of its own)."""
+    return {} if p.embedding_copy else merge(p, shards)
+
+
+def mcore_to_hf_state(rank_states: Mapping[tuple[int, int], Mapping[str, torch.Tensor]], hf_config: Any,
+                      tp_size: int, pp_size: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(hf_name, tensor)`` for the whole model from ``{(tp_rank, pp_rank): state_dict}`` of every rank
+    (either spelling), checking every rank for missing and unexpected tensors."""
+    d = hf_config if isinstance(hf_config, Dims) else Dims.from_hf_config(hf_config)
+    d.validate(tp_size, pp_size)
+    for pp_rank in range(pp_size):
+        stage = params(d, pp_rank, pp_size)
+        states = []
+        for tp_rank in range(tp_size):
+            state = {mcore_local_name(k): v for k, v in rank_states[tp_rank, pp_rank].items() if is_weight_name(k)}
+            check_rank_names(state.keys(), stage, f"rank tp={tp_rank} pp={pp_rank}")
+            states.append(state)
+        for p in stage:
+            yield from mcore_to_hf(p, [s[p.mcore] for s in states]).items()
+
+
+def check_rank_names(names, stage: list[Param], where: str) -> None:
+    """CheckpointError listing missing / unexpected local-spelling Megatron names of one rank."""
+    want = {p.mcore for p in stage}
+    have = set(names)
+    if want - have:
+        raise CheckpointError(f"{where}: missing {len(want - have)} tensor(s): {name_list(want - have)}")
+    if have - want:
+        raise CheckpointError(f"{where}: {len(have - want)} unexpected tensor(s): {name_list(have - want)}")

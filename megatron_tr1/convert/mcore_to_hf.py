@@ -1,0 +1,36 @@
+"""tr1 Megatron checkpoint -> HF safetensors in the ``save_pretrained`` layout, streamed one Param at a time.
+
+Each Param's TP shards are read, merged into HF tensors by ``mapping`` and buffered into a
+:class:`ChunkedWriter` (``model.safetensors``, or ``model-0000k-of-0000N.safetensors`` plus
+``model.safetensors.index.json`` above the shard size). The HF side files stored at conversion time
+(config, tokenizer, processor) are copied next to them, so ``from_pretrained`` loads the result.
+"""
+from __future__ import annotations
+
+import os
+
+from tqdm import tqdm
+
+from megatron_tr1.convert import mapping
+from megatron_tr1.convert.checkpoint import HF_SUBDIR, MCoreReader
+from megatron_tr1.convert.hf_to_mcore import DEFAULT_SHARD_BYTES
+from megatron_tr1.convert.storage import ChunkedWriter, atomic_dir, copy_hf_side_files
+
+
+def convert_mcore_to_hf(mcore_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False,
+                        shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> list[str]:
+    """Write the HF checkpoint of the tr1 Megatron checkpoint ``mcore_dir`` to ``out``; return its weight files."""
+    reader = MCoreReader(mcore_dir)
+    reader.check_all()
+    todo = list(mapping.all_params(reader.dims, reader.meta.pp))
+    with atomic_dir(out, force) as tmp:
+        copy_hf_side_files(reader.dir / HF_SUBDIR, tmp)
+        writer = ChunkedWriter(tmp, shard_bytes)
+        desc = f"mcore-to-hf tp={reader.meta.tp} pp={reader.meta.pp}"
+        for pp_rank, p in tqdm(todo, desc=desc, unit="tensor", disable=not progress):
+            if p.embedding_copy:
+                continue
+            for name, tensor in reader.hf_tensors(pp_rank, p).items():
+                writer.add(name, tensor)
+        files = writer.close()
+    return files

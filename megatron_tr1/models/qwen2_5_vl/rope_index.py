@@ -1,0 +1,67 @@
+"""3-D M-RoPE position ids for Qwen2.5-VL, equal to HF's full-forward ``Qwen2_5_VLModel.get_rope_index``.
+
+Text tokens advance all three axes by one. A run of image/video pad tokens of one grid ``(t, h, w)`` (in
+patches) takes temporal ids ``start + floor(i * interval)`` (``interval = tokens_per_second *
+second_per_grid_ts`` for videos, 1 for images) and height/width ids ``start + row`` / ``start + col`` over
+the merged grid; the text after it restarts at ``start + max(h, w) / spatial_merge_size``. Padding
+(``attention_mask == 0``) gets position 0 and is skipped. These are the positions used for training; HF
+``generate`` differs after the first vision block (see issue 5), so rollouts pass these explicitly.
+"""
+from __future__ import annotations
+
+import torch
+
+from megatron_tr1.errors import ConfigError
+
+
+def _vision_positions(start: int, grid_thw: list[int], merge: int, interval: float) -> torch.Tensor:
+    t, h, w = grid_thw[0], grid_thw[1] // merge, grid_thw[2] // merge
+    tt = (torch.arange(t) * interval).long() + start
+    hh = torch.arange(h) + start
+    ww = torch.arange(w) + start
+    return torch.stack(torch.meshgrid(tt, hh, ww, indexing="ij")).reshape(3, -1)
+
+
+def get_rope_index(hf_config, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   image_grid_thw: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
+                   second_per_grid_ts: torch.Tensor | None = None) -> torch.Tensor:
+    """Position ids ``[3, b, s]`` (long) for ``input_ids`` ``[b, s]``.
+
+    ``hf_config`` is a ``Qwen2_5_VLConfig``. Grids are consumed in order over the whole batch (images from
+    ``image_grid_thw``, videos from ``video_grid_thw``); each grid covers ``t*h*w/merge^2`` pad tokens.
+    """
+    merge = hf_config.vision_config.spatial_merge_size
+    tokens_per_second = hf_config.vision_config.tokens_per_second
+    grids = {hf_config.image_token_id: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
+             hf_config.video_token_id: iter(video_grid_thw.tolist() if video_grid_thw is not None else [])}
+    seconds = iter(second_per_grid_ts.tolist() if second_per_grid_ts is not None else [])
+    position_ids = torch.zeros(3, *input_ids.shape, dtype=torch.long)
+    for b in range(input_ids.shape[0]):
+        keep = attention_mask[b].bool() if attention_mask is not None else torch.ones_like(input_ids[b], dtype=bool)
+        ids = input_ids[b][keep].tolist()
+        pieces, pos, i = [], 0, 0
+        while i < len(ids):
+            token = ids[i]
+            if token not in grids:
+                j = i
+                while j < len(ids) and ids[j] not in grids:
+                    j += 1
+                pieces.append(torch.arange(pos, pos + j - i).expand(3, -1))
+                pos += j - i
+                i = j
+                continue
+            kind = "video_grid_thw" if token == hf_config.video_token_id else "image_grid_thw"
+            grid = next(grids[token], None)
+            if grid is None:
+                raise ConfigError(f"{kind}: more vision runs in input_ids (row {b}) than grids given")
+            n = grid[0] * grid[1] * grid[2] // merge ** 2
+            if ids[i:i + n] != [token] * n:
+                raise ConfigError(f"{kind}: grid {grid} needs {n} consecutive pad tokens at row {b}, "
+                                  f"position {i}; input_ids hold fewer")
+            interval = tokens_per_second * next(seconds, 1.0) if token == hf_config.video_token_id else 1
+            pieces.append(_vision_positions(pos, grid, merge, interval))
+            pos += max(grid[1], grid[2]) // merge
+            i += n
+        if pieces:
+            position_ids[:, b, keep] = torch.cat(pieces, dim=1)
+    return position_ids.to(input_ids.device)
