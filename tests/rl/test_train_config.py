@@ -1,0 +1,86 @@
+import typing
+from pathlib import Path
+
+import pytest
+
+from megatron_tr1.errors import ConfigError
+from megatron_tr1.rl.config import AlgorithmConfig, TrainConfig, check_layout, load_train_config
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_synthetic_tiny_yaml_is_the_embedded_default():
+    assert load_train_config(EXAMPLES / "synthetic_tiny.yaml") == TrainConfig() == load_train_config()
+
+
+def test_qwen_3b_charades_yaml_has_temporal_r1_settings():
+    cfg = load_train_config(EXAMPLES / "qwen2_5_vl_3b_charades.yaml")
+    assert (cfg.data.max_prompt_tokens, cfg.rollout.max_tokens) == (4096, 2048)
+    assert (cfg.data.video.total_pixels, cfg.data.video.min_pixels, cfg.data.video.fps) == (1605632, 3136, 2.0)
+    assert (cfg.rollout.prompts_per_step, cfg.rollout.n, cfg.rollout.temperature) == (16, 8, 1.0)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.warmup_steps) == (1e-6, 1e-2, 1.0, 0)
+    a = cfg.algorithm
+    assert (a.entropy_coef, a.kl_type, a.kl_coef, a.kl_in_reward) == (1e-3, "low_var_kl", 1e-2, False)
+    assert cfg.stages.grpo.episodes == 15 and not cfg.stages.sft.enabled and not cfg.stages.base.enabled
+    assert cfg.optim.global_batch_size == 16 * 8  # global batch 16 prompts
+    # data configs resolve against the YAML's folder
+    assert cfg.data.train == str(EXAMPLES / "data" / "charades_tvg_train.yaml")
+    assert check_layout(cfg, world_size=8) == 4  # TP 2 -> DP 4
+
+
+def test_overrides_reach_every_section():
+    cfg = load_train_config(None, ["rollout.n=16", "algorithm.think=false", "optim.lr=1e-5",
+                                   "model.tiny.hidden_size=64", "stages.sft.enabled=false", "data.video.fps=1"])
+    assert cfg.rollout.n == 16 and cfg.optim.lr == 1e-5 and cfg.model.tiny.hidden_size == 64
+    assert cfg.algorithm.reward_name() == "tvg_no_think" and cfg.algorithm.reward_name(think=True) == "tvg"
+    assert not cfg.stages.sft.enabled and cfg.data.video.fps == 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    (["rollout.n=1"], r"rollout: n=1: GRPO .* n >= 2"),
+    (["optim.micro_batch_size=3"], r"stages.base.global_batch_size=32 must be divisible by "
+                                   r"optim.micro_batch_size x data parallel = 3 x 1"),
+    (["optim.micro_batch_size=24", *(f"stages.{s}.enabled=false" for s in ("base", "sft"))],
+     r"optim.global_batch_size=64 must be divisible by optim.micro_batch_size x data parallel = 24 x 1"),
+    (["stages.sft.global_batch_size=20"], r"stages.sft.global_batch_size=20 must be divisible"),
+    (["optim.global_batch_size=48"], r"rollout.prompts_per_step x rollout.n = 64 .* multiple of "
+                                     r"optim.global_batch_size=48"),
+    (["algorithm.reward=iou"], r"algorithm: reward='iou' is not one of"),
+    (["algorithm.kl_type=k9"], r"algorithm.kl_type: 'k9' is not one of"),
+    (["stages.grpo.steps=0"], r"stages.grpo: an enabled stage needs steps > 0 or episodes > 0"),
+    (["data.video.total_pixels=100"], r"data.video: total_pixels=100 < min_pixels=3136"),
+    (["rollout.temperature=0"], r"temperature=0.0 must be > 0"),
+    (["optim.max_tokens_per_micro_batch=600"], r"max_tokens_per_micro_batch=600 is less than "
+                                               r"data.max_prompt_tokens \+ rollout.max_tokens = 608"),
+    (["model.freeze_vision=true", "model.freeze_merger=true", "model.freeze_llm=true"], "nothing would be trained"),
+])
+def test_bad_values_name_field_and_value(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(None, override)
+
+
+def test_loss_options_match_the_kernel():
+    from kernels.reference import AGG_MODES, KL_TYPES
+
+    hints = typing.get_type_hints(AlgorithmConfig)
+    assert typing.get_args(hints["kl_type"]) == KL_TYPES and typing.get_args(hints["agg"]) == AGG_MODES
+
+
+def test_layout_needs_world_divisible_by_model_parallel():
+    cfg = load_train_config(None, ["model.tensor_parallel=2"])
+    with pytest.raises(ConfigError, match="world size 3 is not divisible"):
+        check_layout(cfg, 3)
+    with pytest.raises(ConfigError, match=r"stages.base.global_batch_size=32 must be divisible by "
+                                          r"optim.micro_batch_size x data parallel = 8 x 8"):
+        check_layout(cfg, 16)
+    assert check_layout(cfg, 4) == 2
+    with pytest.raises(ConfigError, match=r"rollout.prompts_per_step=8 must be a multiple of the data parallel size 3"):
+        check_layout(load_train_config(None, ["optim.micro_batch_size=1", "stages.base.global_batch_size=48",
+                                              "stages.sft.global_batch_size=48"]), 3)
+
+
+def test_bad_value_in_file_names_the_file(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("rollout:\n  n: 1\n")
+    with pytest.raises(ConfigError, match=r"train\.yaml\.rollout: n=1"):
+        load_train_config(path)
