@@ -5,6 +5,9 @@
 group already exists (e.g. under ``run_ranks``), builds megatron's TP / PP / DP groups and seeds every RNG
 like ``model_parallel_cuda_manual_seed``. On a machine without CUDA it enables the CPU stand-in
 (``megatron_tr1.testing.cpu``) first, so the same call works in tests and the CPU demo.
+
+``wrap_ddp_and_optimizer(model_chunks, lr, weight_decay, grad_clip)`` wraps the chunks in megatron's
+``DistributedDataParallel`` and builds megatron's optimizer (Adam, optionally the distributed optimizer).
 """
 from __future__ import annotations
 
@@ -51,3 +54,60 @@ def teardown() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap_ddp_and_optimizer(model_chunks, lr: float, weight_decay: float, grad_clip: float,
+                           use_distributed_optimizer: bool = True, **optimizer_config):
+    """Megatron ``DistributedDataParallel`` around each model chunk + ``get_megatron_optimizer`` (Adam).
+
+    Call after ``init_parallel`` with this rank's chunks (a list; one per virtual pipeline stage, or one).
+    Precision follows the model: bf16 parameters (the GPU build) get bf16 mixed precision with fp32 main
+    parameters and fp32 grad reduction; fp32 parameters (the CPU build) give a plain fp32 optimizer.
+    DDP uses contiguous grad buffers with overlap off and averages gradients over the data-parallel
+    group; replicas are synchronised from DP rank 0 once here. Adam is AdamW (decoupled weight decay,
+    betas (0.9, 0.999), eps 1e-8 unless ``optimizer_config`` overrides ``OptimizerConfig`` fields);
+    biases and 1-D parameters (norms) get no weight decay, as in megatron. ``grad_clip`` is the max
+    global L2 norm over all TP / PP / DP shards (0 disables clipping). The learning rate and weight decay
+    are written into the param groups here, so the optimizer is correct without megatron's
+    ``OptimizerParamScheduler`` (one, if used, overwrites them each step).
+
+    One step::
+
+        for chunk in ddp_chunks: chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        ...forward/backward (or a megatron pipeline schedule) on ddp_chunks...
+        finalize_model_grads(ddp_chunks)  # megatron.core.distributed: DP reduce (+ tied-embedding grads)
+        update_ok, grad_norm, _ = optimizer.step()
+
+    Returns ``(ddp_chunks, optimizer)``.
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    if not torch.cuda.is_available():  # usually done by init_parallel already (idempotent)
+        from megatron_tr1.testing.cpu import enable_cpu_megatron
+        enable_cpu_megatron()
+    model_chunks = list(model_chunks)
+    config = model_chunks[0].config
+    if config.fp16:
+        raise ConfigError("wrap_ddp_and_optimizer: fp16 parameters need a loss scaler, which is not set up; "
+                          "build the model with params_dtype=torch.bfloat16 (GPU) or torch.float32")
+    if config.bf16 and not torch.cuda.is_available():
+        raise ConfigError("wrap_ddp_and_optimizer: bf16 parameters on a machine without CUDA; the CPU path is "
+                          "fp32 only: build the model with params_dtype=torch.float32")
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
+        use_distributed_optimizer=use_distributed_optimizer)
+    ddp_chunks = [DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                          disable_bucketing=i > 0) for i, chunk in enumerate(model_chunks)]
+    for chunk in ddp_chunks:
+        chunk.broadcast_params()
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(**{"optimizer": "adam", "lr": lr, "min_lr": lr, "weight_decay": weight_decay,
+                           "clip_grad": grad_clip, "bf16": config.bf16, "params_dtype": config.params_dtype,
+                           "use_distributed_optimizer": use_distributed_optimizer, **optimizer_config}),
+        ddp_chunks)
+    for group in optimizer.param_groups:  # what OptimizerParamScheduler would set at a constant lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+        group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
+    return ddp_chunks, optimizer

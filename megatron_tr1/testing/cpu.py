@@ -1,9 +1,10 @@
 """The CPU stand-in for megatron-core's CUDA-only calls (megatron-core 0.16.1), for tests and the CPU demo.
 
 megatron-core runs on CPU with gloo and ``TransformerConfig(use_cpu_initialization=True)`` once the few
-places that hard-code CUDA are redirected. ``enable_cpu_megatron()`` does exactly that, once per process;
-it refuses to run when CUDA is available, so it can never change the GPU path. Each patch below says what
-it replaces and why.
+places that hard-code CUDA are redirected. ``enable_cpu_megatron()`` does exactly that, once per process
+(a second call does nothing). On a machine with CUDA it is a no-op that returns False and touches nothing,
+so calling it can never change the GPU path. Each patch below says what it replaces and why; patches 1-6
+cover the model and the pipeline schedules, 7-9 (``cpu_optimizer.py``) megatron's DDP and optimizers.
 """
 from __future__ import annotations
 
@@ -45,13 +46,16 @@ def _causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
-def enable_cpu_megatron() -> None:
-    """Redirect megatron-core's CUDA-only calls to CPU (idempotent; raises if CUDA is available)."""
+def enable_cpu_megatron() -> bool:
+    """Redirect megatron-core's CUDA-only calls to CPU; True when the CPU stand-in is active.
+
+    Idempotent. With CUDA available it patches nothing and returns False (megatron runs unchanged).
+    """
     global _ENABLED
     if _ENABLED:
-        return
+        return True
     if torch.cuda.is_available():
-        raise RuntimeError("enable_cpu_megatron() is for CPU-only machines; this one has CUDA")
+        return False
 
     from megatron.core.fusions import fused_softmax
     from megatron.core.models.common.language_module.language_module import LanguageModule
@@ -92,5 +96,10 @@ def enable_cpu_megatron() -> None:
         finally:
             torch.Tensor.cuda = cuda
     LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
+
+    # 7-9. DistributedDataParallel and the optimizers (Adam, clip_grad, distributed optimizer).
+    from megatron_tr1.testing.cpu_optimizer import patch_ddp_and_optimizer
+    patch_ddp_and_optimizer(_TorchWithCpuDefaults())
     _ENABLED = True
+    return True
 
