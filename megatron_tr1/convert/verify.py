@@ -3,10 +3,12 @@
 Starts TP x PP worker processes (gloo on CPU; NCCL on GPU), each loading its shard with ``load_mcore_state``
 (so a checkpoint stored at another layout is resharded on the fly) and running ``Qwen2_5_VLModel`` forward
 on one text + video batch; pipeline stages hand hidden states on with point-to-point sends. The HF model
-runs the same batch in this process, computing its own M-RoPE positions (``mm_token_type_ids``) while
-Megatron uses ours, so positions are checked too. The batch is synthetic and seeded: random token ids
-around one random video per row, patchified by the training pipeline's ``data.processor``. The last line
-printed is ``max_abs_logit_diff=<value>``; the exit status is 1 when it exceeds ``rtol * max|HF logit|``.
+runs the same batch in this process, given the M-RoPE positions of our ``get_rope_index`` (which the workers
+compute for themselves), so Megatron's M-RoPE is checked at the positions training uses. HF's own positions
+differ from those after a video whose temporal ids run past its spatial ones (``rope_index`` docstring), as
+the first video's here do. The batch is synthetic and seeded: random token ids around one random video per
+row, patchified by the training pipeline's ``data.processor``. The last line printed is
+``max_abs_logit_diff=<value>``; the exit status is 1 when it exceeds ``rtol * max|HF logit|``.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def synthetic_batch(config, seed: int = 0) -> dict[str, torch.Tensor]:
     """Two rows ``text, <vision_start>, video pads, <vision_end>, text``, each with its own random 4-frame
-    video of 4 x 6 merged patches per frame (2 and 4 fps), through ``data.processor.preprocess_video``."""
+    video of 4 x 6 merged patches per frame (0.5 and 4 fps), through ``data.processor.preprocess_video``."""
     from megatron_tr1.data.processor import preprocess_video
 
     g = torch.Generator().manual_seed(seed)
@@ -47,7 +49,7 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, torch.Tensor]:
     special = torch.tensor([config.image_token_id, config.video_token_id, config.vision_start_token_id,
                             config.vision_end_token_id])
     rows, videos = [], []
-    for fps in (2.0, 4.0):
+    for fps in (0.5, 4.0):
         frames = torch.randint(0, 256, (4, 3, 4 * side, 6 * side), generator=g, dtype=torch.uint8)
         video = preprocess_video(frames, fps, patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size,
                                  merge_size=vc.spatial_merge_size)
@@ -60,7 +62,6 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, torch.Tensor]:
         videos.append(video)
     input_ids = torch.stack(rows)
     return dict(input_ids=input_ids,
-                mm_token_type_ids=(input_ids == config.video_token_id).int() * 2,  # 0 text, 1 image, 2 video
                 pixel_values_videos=torch.cat([v.pixel_values_videos for v in videos]),
                 video_grid_thw=torch.cat([v.video_grid_thw for v in videos]),
                 second_per_grid_ts=torch.tensor([v.second_per_grid_ts for v in videos]))
@@ -129,15 +130,19 @@ def megatron_logits(rank: int, world: int, mcore_dir: str, tp: int, pp: int, spe
 
 
 def hf_logits(hf_dir: str, dtype: str, batch: dict) -> torch.Tensor:
-    """Logits of the HF model in ``hf_dir`` on ``batch``, with HF's own M-RoPE positions."""
+    """Logits of the HF model in ``hf_dir`` on ``batch``, at ``get_rope_index``'s M-RoPE positions."""
     from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megatron_tr1.models.qwen2_5_vl.rope_index import get_rope_index
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=DTYPES[dtype]).to(device).eval()
-    inputs = {k: v.to(device) for k, v in batch.items()}
+    position_ids = get_rope_index(model.config, batch["input_ids"], video_grid_thw=batch["video_grid_thw"],
+                                  second_per_grid_ts=batch["second_per_grid_ts"])
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "pixel_values_videos", "video_grid_thw")}
     inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(DTYPES[dtype])
     with torch.no_grad():
-        return model(**inputs).logits.float().cpu()
+        return model(**inputs, position_ids=position_ids.to(device)).logits.float().cpu()
 
 
 def main(args: argparse.Namespace) -> int:

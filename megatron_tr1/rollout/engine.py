@@ -7,9 +7,10 @@ An engine implements ``generate(prompts, n, sampling) -> [[Response] * n] * len(
 
 Positions: the prompt sits at ``get_rope_index``'s M-RoPE positions and response token ``k`` at
 ``last_prompt_position + 1 + k`` on all three axes: what ``get_rope_index`` gives the trainer for the whole
-prompt + response. HF ``generate`` continues from ``max(prompt positions) + 1`` instead, and vLLM also starts
-the text after a video at ``max + 1``; both differ once a video's temporal ids run past its spatial ones.
-Both engines here use the trainer's positions, so the log-probs they return are the ones it recomputes.
+prompt + response. vLLM's own positions follow the same rule but can put a video's temporal id one off
+(``vllm_worker.trainer_mrope_positions``), and HF ``generate`` uses transformers 5.x's, which differ after a
+video (``rope_index``). Both engines here use the trainer's positions, so the log-probs they return are the
+ones it recomputes.
 """
 from __future__ import annotations
 

@@ -57,7 +57,13 @@ def install_torchvision_hook() -> Path:
 
 def trainer_mrope_positions(model, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
     """vLLM's ``get_mrope_input_positions`` with the trainer's positions: the prompt's from
-    ``get_rope_index``, and generated tokens continuing from the last prompt position + 1."""
+    ``get_rope_index``, and generated tokens continuing from the last prompt position + 1.
+
+    vLLM's own (vllm 0.32 ``Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions``) follow the same
+    rule but truncate ``frame * tokens_per_second * second_per_grid_ts`` in float64, where ``get_rope_index``,
+    like transformers, does so in float32: a temporal id can differ by one (never seen for clips short enough
+    to be sampled at the full 2 fps, but for about 1 in 10 clips of 5 s to 30 min at common frame rates,
+    where the 768-frame cap lowers the rate), so they are replaced."""
     from megatron_tr1.models.qwen2_5_vl.rope_index import get_rope_index
 
     merge = model.config.vision_config.spatial_merge_size

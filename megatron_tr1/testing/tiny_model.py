@@ -48,7 +48,8 @@ def tiny_video_batch(config: Qwen2_5_VLConfig, seed: int = 0, with_video: bool =
     """Two left-padded prompts of different lengths; with a video, each holds one of two videos.
 
     Returns ``input_ids``, ``attention_mask`` (1 = token) and, with video, ``pixel_values_videos``,
-    ``video_grid_thw`` and ``second_per_grid_ts`` (different per video, so temporal positions differ).
+    ``video_grid_thw`` and ``second_per_grid_ts`` (different per video, so temporal positions differ; the first
+    video's temporal ids run past its spatial ones, where HF 5.x's own positions differ from ``get_rope_index``).
     """
     g = torch.Generator().manual_seed(seed)
     vc = config.vision_config
@@ -72,12 +73,14 @@ def tiny_video_batch(config: Qwen2_5_VLConfig, seed: int = 0, with_video: bool =
         patch = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
         batch.update(pixel_values_videos=torch.randn(2 * t * h * w, patch, generator=g),
                      video_grid_thw=torch.tensor([VIDEO_GRID_THW] * 2),
-                     second_per_grid_ts=torch.tensor([1.0, 0.5]))
+                     second_per_grid_ts=torch.tensor([4.0, 0.5]))
     return batch
 
 
 def hf_logits(hf_model: Qwen2_5_VLForConditionalGeneration, batch: dict, position_ids: torch.Tensor) -> torch.Tensor:
-    """HF logits ``[b, s, v]`` for ``batch`` at the given 3-D positions (``mm_token_type_ids`` is implied)."""
+    """HF logits ``[b, s, v]`` for ``batch`` at the given positions ``[3, b, s]`` (``get_rope_index``'s, not HF's
+    own). transformers 5.x uses a 3-row ``position_ids`` as is; a 4-row one (text positions first) is for packed
+    sequences only."""
     keys = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw")
     return hf_model(**{k: batch[k] for k in keys if k in batch}, position_ids=position_ids).logits
 

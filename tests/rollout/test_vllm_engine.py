@@ -2,7 +2,8 @@
 ``HFEngine``, seeds and ``n``, stop at <|im_end|>. Skipped when vLLM is not importable (README "Rollouts on CPU").
 
 fp32. Log-prob tolerance 1e-5 (measured ~5e-7): vLLM samples at the trainer's M-RoPE positions
-(``vllm_worker.trainer_mrope_positions``); with its own positions it is ~1e-3 off after a video.
+(``vllm_worker.trainer_mrope_positions``). vLLM's own positions follow the same rule and equal them on the
+test prompts, but truncate temporal ids in float64 and so can be one off (pinned below).
 """
 import importlib.util
 
@@ -12,7 +13,7 @@ import torch
 from megatron_tr1.convert.mapping import hf_disk_name
 from megatron_tr1.rollout.engine import Sampling, stop_token_id
 from megatron_tr1.rollout.weight_sync import SyncStats, bucketed
-from megatron_tr1.testing.tiny_model import tiny_hf_model
+from megatron_tr1.testing.tiny_model import tiny_hf_config, tiny_hf_model
 
 import _cases
 from _cases import recomputed_logprobs
@@ -20,6 +21,43 @@ from _cases import recomputed_logprobs
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vLLM not installed (README 'Rollouts on CPU')")
 LOGPROB_ATOL = 1e-5
+
+
+def native_and_trainer_positions(config, ids, grid, seconds):
+    """vLLM's own ``get_mrope_input_positions`` and ``trainer_mrope_positions`` for one video prompt."""
+    from types import SimpleNamespace as NS
+
+    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration as VllmQwen
+
+    from megatron_tr1.rollout.vllm_worker import trainer_mrope_positions
+
+    model = NS(config=config)
+    model.iter_mm_grid_thw = lambda features: VllmQwen.iter_mm_grid_thw(model, features)
+    feature = NS(modality="video", mm_position=NS(offset=ids.index(config.video_token_id)),
+                 data={"video_grid_thw": NS(data=torch.tensor(grid)),
+                       "second_per_grid_ts": NS(data=torch.tensor(seconds))})
+    return VllmQwen.get_mrope_input_positions(model, ids, [feature]), trainer_mrope_positions(model, ids, [feature])
+
+
+@pytest.mark.parametrize("fps", [0.5, 2.0])  # at 0.5 fps the temporal ids run past the spatial ones
+def test_vllm_positions_equal_trainer_on_test_prompts(tokenizer, fps):
+    config = tiny_hf_config()
+    prompt = _cases.video_prompt(config, tokenizer, fps=fps)
+    (native, native_delta), (ours, delta) = native_and_trainer_positions(
+        config, prompt.input_ids, prompt.video.video_grid_thw[0].tolist(), prompt.video.second_per_grid_ts)
+    assert torch.equal(native, ours) and native_delta == delta
+
+
+def test_vllm_positions_truncate_in_float64():
+    """Why the trainer's positions are still forced on vLLM: at 0.12 fps (16 temporal patches of 16.7 s) vLLM
+    puts some temporal ids one off ``get_rope_index``'s (float32, as transformers). Fails once vLLM agrees."""
+    config = tiny_hf_config()
+    grid = [16, 8, 12]
+    ids = [20, 21, config.vision_start_token_id] + [config.video_token_id] * (16 * 4 * 6) + [
+        config.vision_end_token_id, 22, 23]
+    (native, _), (ours, _) = native_and_trainer_positions(config, ids, grid, 2 / 0.12)
+    diff = native - ours
+    assert set(diff[0].abs().unique().tolist()) == {0, 1} and not diff[1:].any()  # temporal ids only
 
 
 def hf_stream(model):

@@ -1,11 +1,19 @@
-"""3-D M-RoPE position ids for Qwen2.5-VL, equal to HF's full-forward ``Qwen2_5_VLModel.get_rope_index``.
+"""3-D M-RoPE position ids for Qwen2.5-VL, as the original Qwen2.5-VL code computes them.
 
 Text tokens advance all three axes by one. A run of image/video pad tokens of one grid ``(t, h, w)`` (in
 patches) takes temporal ids ``start + floor(i * interval)`` (``interval = tokens_per_second *
 second_per_grid_ts`` for videos, 1 for images) and height/width ids ``start + row`` / ``start + col`` over
-the merged grid; the text after it restarts at ``start + max(h, w) / spatial_merge_size``. Padding
-(``attention_mask == 0``) gets position 0 and is skipped. These are the positions used for training; HF
-``generate`` differs after the first vision block (see issue 5), so rollouts pass these explicitly.
+the merged grid; the text after it continues at the block's largest position (over all three axes) + 1.
+Padding (``attention_mask == 0``) gets position 0 and is skipped.
+
+This is ``get_rope_index`` of transformers 4.x (``st_idx = llm_pos_ids_list[-1].max() + 1``), which the
+pretrained weights were trained with and which Temporal-R1, EasyR1 and verl use, and the rule of vLLM's
+``Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions`` (which floors the temporal ids in float64,
+not float32: see ``rollout/vllm_worker.py``). transformers 5.x deviates: ``Qwen2_5_VLModel.get_rope_index``
+(``modeling_qwen2_5_vl.py`` of 5.19, line 1051) advances ``current_pos += max(grid_h, grid_w) //
+spatial_merge_size``, ignoring the temporal ids, so when a video's temporal ids run past its spatial ones all
+later text sits too early (43 positions for a 30 s 448x448 clip at 2 fps), while its own ``rope_deltas``
+(``max + 1 - len``) continue generation from the max. For images (t = 1) the two agree.
 """
 from __future__ import annotations
 
@@ -60,7 +68,7 @@ def get_rope_index(hf_config, input_ids: torch.Tensor, attention_mask: torch.Ten
                                   f"position {i}; input_ids hold fewer")
             interval = tokens_per_second * next(seconds, 1.0) if token == hf_config.video_token_id else 1
             pieces.append(_vision_positions(pos, grid, merge, interval))
-            pos += max(grid[1], grid[2]) // merge
+            pos = int(pieces[-1].max()) + 1
             i += n
         if pieces:
             position_ids[:, b, keep] = torch.cat(pieces, dim=1)
