@@ -1,0 +1,293 @@
+"""One GRPO step, top to bottom (the data flow of /work/shared/design.md):
+
+1. rollouts: the engine samples ``rollout.n`` responses per prompt; each is scored with ``safe_reward``;
+   with ``algorithm.dynamic_sampling`` zero-spread groups are dropped and refilled from ``refill``;
+2. sequences (group-major) are cut into padded micro-batches (``rl.prompts.model_batch``);
+3. old-policy and reference log-probs (no grad) with ``forward_logprobs``; the engine's sampled-token
+   log-probs are compared with the old-policy ones (``logprob_mismatch``: a sync or kernel bug shows here);
+4. advantages: optional KL-in-reward, ``group_advantages``, overlong filtering of the loss mask;
+5. update: for each ``global_batch_size`` slice, ``kernels.grpo_loss`` per micro-batch through megatron-core's
+   forward-backward schedule (each micro-batch's loss weighted by its share of the slice's tokens, so the slice's
+   token-mean is exact), then clipping and the optimizer step;
+6. ``sync_weights`` pushes the new policy into the engine.
+
+Model-parallel notes: micro-batches run through ``get_forward_backward_func`` (at PP=1
+``forward_backward_no_pipelining``); PP>1 additionally needs fixed or ``variable_seq_lengths`` shapes and the
+log-probs of step 3 broadcast from the last stage (only the last stage has them). At DP>1 each rank rolls out
+its own prompts; the token count that weights the loss is summed over DP (``loss_weights``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+import kernels
+from kernels.reference import kl_penalty
+from megatron_tr1.rewards import REWARDS
+from megatron_tr1.rl.advantages import DynamicSampler, group_advantages, kl_penalized_rewards, overlong_keep
+from megatron_tr1.rl.batching import TokenSequence, place_response, split_by_count, split_by_tokens
+from megatron_tr1.rl.config import TrainConfig
+from megatron_tr1.rl.guards import safe_reward
+from megatron_tr1.rl.prompts import GroundingPrompt, model_batch, policy_logprobs
+from megatron_tr1.rl.stats import StepTimer, length_stats, logprob_mismatch, reward_stats
+from megatron_tr1.rollout.engine import Response, Sampling, stop_token_id
+from megatron_tr1.rollout.weight_sync import sync_weights
+
+
+@dataclasses.dataclass
+class Group:
+    """One prompt's ``n`` responses and their reward dicts (``failed``: the reward function raised)."""
+
+    item: GroundingPrompt
+    responses: list[Response]
+    rewards: list[dict[str, float]]
+    failed: list[bool]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``Qwen2_5_VLModel`` inside a megatron DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def score(item: GroundingPrompt, responses: list[Response], reward_fn: Callable, cfg: TrainConfig) -> Group:
+    """Score each response with ``safe_reward(reward_fn, ...)`` (a raising reward scores 0 and is counted)."""
+    scored = [safe_reward(reward_fn, x.text, item.gt, item.duration, format_weight=cfg.algorithm.format_weight)
+              for x in responses]
+    return Group(item, responses, [s for s, _ in scored], [f for _, f in scored])
+
+
+def collect_groups(engine, items, cfg: TrainConfig, reward_fn, step: int, refill, timer) -> tuple[list[Group], dict]:
+    """``rollout.n`` scored responses per prompt of ``items``; with dynamic sampling, more batches from
+    ``refill(k)`` (k prompts) until ``len(items)`` groups with a reward spread are found or
+    ``max_sampling_tries`` batches were drawn. Returns the groups and the dynamic-sampling stats."""
+    a, r = cfg.algorithm, cfg.rollout
+    tries = a.max_sampling_tries if a.dynamic_sampling and refill is not None else 1
+    sampler = DynamicSampler(target=len(items), max_tries=tries)
+    batch = list(items)
+    while True:
+        seed = r.seed + (step * tries + sampler.tries) * len(items)  # prompt i samples with seed + i
+        sampling = Sampling(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=seed)
+        with timer("rollout"):
+            responses = engine.generate([i.prompt for i in batch], r.n, sampling)
+        with timer("reward"):
+            groups = [score(item, rs, reward_fn, cfg) for item, rs in zip(batch, responses)]
+        if sampler.add(groups, torch.tensor([x["overall"] for g in groups for x in g.rewards])):
+            break
+        batch = refill(len(items))
+    if not a.dynamic_sampling:
+        return groups, {}
+    return sampler.take(), sampler.stats()
+
+
+def training_sequence(prompt_ids: list[int], response_ids: list[int], hf_config, pad_id: int
+                      ) -> tuple[TokenSequence, bool]:
+    """The sequence the trainer sees, and whether it can be trained on. A response that sampled an image or
+    video placeholder token cannot be fed back (the model would take it for a visual position): its response
+    becomes ``pad_id`` tokens and it is left out of the loss and the mismatch (``False``)."""
+    placeholders = {hf_config.image_token_id, hf_config.video_token_id}
+    if placeholders.isdisjoint(response_ids):
+        return TokenSequence(list(prompt_ids), list(response_ids)), True
+    return TokenSequence(list(prompt_ids), [pad_id] * len(response_ids)), False
+
+
+def forward_backward(model, batches: list[dict], loss_fn: Callable, temperature: float = 1.0,
+                     forward_only: bool = False, entropy: bool = False) -> list[dict]:
+    """``loss_fn(batch, output) -> (loss, stats dict)`` over micro-batches through megatron-core's schedule;
+    ``output`` is ``forward_logprobs``'s (a ``(logprobs, entropy)`` pair when ``entropy``). The schedule divides
+    each loss by the number of micro-batches, so ``loss_fn`` returns losses already summing to the total.
+    Returns the stats dicts (on the last pipeline stage). The RL forward is called on the unwrapped model (DDP's
+    grad hooks still fire; its forward pre-hooks, used only with ``overlap_param_gather``, do not)."""
+    def forward_step(data_iterator, wrapped):
+        batch = next(data_iterator)
+        out = policy_logprobs(unwrap(wrapped), batch, temperature, return_entropy=entropy)
+
+        def loss_func(output):
+            loss, stats = loss_fn(batch, output)
+            return loss * len(batches), stats
+        return out, loss_func
+
+    with torch.set_grad_enabled(not forward_only):
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
+            seq_length=max(b["input_ids"].shape[1] for b in batches),
+            micro_batch_size=max(b["input_ids"].shape[0] for b in batches), forward_only=forward_only)
+
+
+def loss_weights(units: list[float]) -> list[float]:
+    """Each micro-batch's share of the update's ``units`` (tokens or rows) summed over the data-parallel group,
+    times the DP size (megatron DDP averages gradients over DP): the gradient is that of the global mean.
+    DP>1 therefore needs the DDP wrapper (``distributed.wrap_ddp_and_optimizer``)."""
+    total = torch.tensor(float(sum(units)), dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    dp = parallel_state.get_data_parallel_world_size() if dist.is_initialized() else 1
+    return [dp * float(u) / max(total.item(), 1.0) for u in units]
+
+
+def optimizer_step(model, optimizer, grad_clip: float) -> float:
+    """Clip the gradients and step; returns the gradient norm before clipping. With a megatron-core optimizer
+    (``distributed.wrap_ddp_and_optimizer``: ``model`` is DDP-wrapped) the gradients are first reduced over DP
+    (``finalize_model_grads``); it clips with its own ``clip_grad``. A torch optimizer is clipped here."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import MegatronOptimizer
+
+    if isinstance(optimizer, MegatronOptimizer):
+        finalize_model_grads([model])
+        return float(optimizer.step()[1])
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    return float(norm)
+
+
+def zero_grad(model, optimizer) -> None:
+    optimizer.zero_grad()
+    if hasattr(model, "zero_grad_buffer"):  # megatron DDP keeps gradients in its own buffers
+        model.zero_grad_buffer()
+
+
+def micro_batches(seqs: list[TokenSequence], prompts: list, index: list[int], cfg: TrainConfig, hf_config,
+                  pad_id: int) -> list[tuple[list[int], dict]]:
+    """``(sequence indices, model_batch)`` micro-batches of the sequences ``index``: ``optim.micro_batch_size``
+    sequences each, or grouped by ``optim.max_tokens_per_micro_batch`` unpadded tokens when that is set (still
+    padded batches: ``forward_logprobs`` has no packed THD input yet)."""
+    o = cfg.optim
+    if o.max_tokens_per_micro_batch:
+        parts = split_by_tokens([len(seqs[i]) for i in index], o.max_tokens_per_micro_batch, o.micro_batch_size)
+    else:
+        parts = split_by_count(len(index), o.micro_batch_size)
+    out = []
+    for part in parts:
+        rows = [index[k] for k in part]
+        out.append((rows, model_batch([seqs[i] for i in rows], [prompts[i] for i in rows], hf_config, pad_id)))
+    return out
+
+
+def _per_token(values: list[torch.Tensor], rows: list[int], batch: dict) -> torch.Tensor:
+    """Per-response-token ``values[row]`` placed at the positions that predict them, ``[B, L]``."""
+    width = batch["input_ids"].shape[1]
+    return torch.stack([place_response(values[r], int(p), width) for r, p in zip(rows, batch["prompt_lengths"])])
+
+
+def response_logprobs(model, mbs: list[tuple[list[int], dict]], seqs: list[TokenSequence], temperature: float
+                      ) -> list[torch.Tensor]:
+    """Each sequence's response-token log-probs ``[R]`` under ``model`` (no grad), over the micro-batches."""
+    out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+    results = forward_backward(model, [b for _, b in mbs], lambda b, lp: (torch.zeros(()), {"lp": lp.detach()}),
+                               temperature, forward_only=True)
+    for (rows, _), result in zip(mbs, results):
+        for i, r in enumerate(rows):
+            p = len(seqs[r].prompt_ids)
+            out[r] = result["lp"][i, p - 1: p - 1 + len(seqs[r].response_ids)]
+    return out
+
+
+def grpo_loss_fn(batch: dict, output, cfg: TrainConfig):
+    """``kernels.grpo_loss`` of one micro-batch times its ``weight`` (its share of the update's tokens or rows)."""
+    a = cfg.algorithm
+    logprobs, entropy = output
+    loss, stats = kernels.grpo_loss(
+        logprobs, batch["old_logprobs"], batch["advantages"], batch["loss_mask"], ref_logprobs=batch.get("ref"),
+        clip_low=a.clip_low, clip_high=a.clip_high, clip_dual=a.clip_dual,
+        kl_coef=0.0 if a.kl_in_reward else a.kl_coef, kl_type=a.kl_type, entropy=entropy,
+        entropy_coef=a.entropy_coef, agg=a.agg)
+    tokens = batch["loss_mask"].sum()
+    ent = (entropy.detach() * batch["loss_mask"]).sum() / tokens.clamp(min=1)
+    return loss * batch["weight"], {"loss": loss.detach(), "tokens": tokens, "entropy": ent, **stats}
+
+
+def update(policy, optimizer, seqs, prompts, old, ref, advantages, keep, cfg: TrainConfig, hf_config, pad_id
+           ) -> dict[str, float]:
+    """One optimizer step per ``global_batch_size`` slice of the sequences; token-means of the loss statistics,
+    the largest gradient norm and the number of updates."""
+    a, size = cfg.algorithm, cfg.stage_batch("grpo")
+    stats, grad_norms = [], []
+    for start in range(0, len(seqs), size):
+        mbs = micro_batches(seqs, prompts, list(range(start, min(start + size, len(seqs)))), cfg, hf_config, pad_id)
+        for rows, batch in mbs:
+            batch["loss_mask"] &= keep[rows][:, None]
+            batch["old_logprobs"] = _per_token(old, rows, batch)
+            if ref is not None and not a.kl_in_reward:
+                batch["ref"] = _per_token(ref, rows, batch)
+            batch["advantages"] = advantages[rows]
+        units = [float(b["loss_mask"].sum()) if a.agg == "token-mean" else len(rows) for rows, b in mbs]
+        for (_, batch), weight in zip(mbs, loss_weights(units)):
+            batch["weight"] = weight
+        zero_grad(policy, optimizer)
+        stats += forward_backward(policy, [b for _, b in mbs], lambda b, out: grpo_loss_fn(b, out, cfg),
+                                  cfg.rollout.temperature, entropy=True)
+        grad_norms.append(optimizer_step(policy, optimizer, cfg.optim.grad_clip))
+    tokens = max(float(sum(s["tokens"] for s in stats)), 1.0)
+    out = {k: float(sum(s[k] * s["tokens"] for s in stats)) / tokens
+           for k in ("loss", "kl", "clip_frac", "ppo_kl", "entropy")}
+    return out | {"grad_norm": max(grad_norms), "updates": len(grad_norms)}
+
+
+def grpo_step(policy, optimizer, engine, ref_model, prompts_with_gt: Sequence[GroundingPrompt], cfg: TrainConfig,
+              tokenizer, hf_config, *, step: int = 0, think: bool | None = None,
+              refill: Callable[[int], list[GroundingPrompt]] | None = None,
+              reward_fn: Callable | None = None) -> dict[str, float]:
+    """One GRPO step on ``prompts_with_gt`` (this rank's prompts); returns the step's metrics.
+
+    ``policy``: the model ``optimizer`` steps (megatron DDP-wrapped with a megatron optimizer, or plain with a
+    torch one); ``ref_model``: the frozen reference (unused when ``algorithm.kl_coef`` is 0; may then be None);
+    ``engine``: the rollout engine, holding the policy's weights and left holding the updated ones.
+    ``step`` seeds sampling; ``think`` picks the reward (``algorithm.reward_name``); ``refill(k)`` gives k more
+    prompts for dynamic sampling; ``reward_fn`` overrides the configured reward.
+    """
+    a, timer = cfg.algorithm, StepTimer(torch.cuda.synchronize if torch.cuda.is_available() else None)
+    reward_fn = reward_fn or REWARDS[a.reward_name(think)]
+    stop_id, pad_id = stop_token_id(tokenizer), tokenizer.pad_token_id or 0
+
+    # 1. rollouts and rewards
+    engine.wake_up()
+    groups, metrics = collect_groups(engine, prompts_with_gt, cfg, reward_fn, step, refill, timer)
+    engine.sleep()
+    responses = [x for g in groups for x in g.responses]
+    rewards = [x for g in groups for x in g.rewards]
+    metrics |= reward_stats(rewards, [f for g in groups for f in g.failed], cfg.rollout.n)
+    metrics |= length_stats([len(x.token_ids) for x in responses], [x.finish_reason == "length" for x in responses])
+
+    # 2. training sequences (group-major) and micro-batches over all of them
+    seqs, valid = zip(*(training_sequence(g.item.prompt.input_ids, x.token_ids, hf_config, pad_id)
+                        for g in groups for x in g.responses))
+    seqs, valid = list(seqs), torch.tensor(valid)
+    prompts = [g.item.prompt for g in groups for _ in g.responses]
+    mbs = micro_batches(seqs, prompts, list(range(len(seqs))), cfg, hf_config, pad_id)
+
+    # 3. old-policy and reference log-probs; the engine's against the old policy's
+    with timer("logprob"):
+        old = response_logprobs(policy, mbs, seqs, cfg.rollout.temperature)
+        ref = response_logprobs(ref_model, mbs, seqs, cfg.rollout.temperature) if a.kl_coef > 0 else None
+    sampled = torch.cat([torch.tensor(x.logprobs) for x in responses])
+    metrics |= logprob_mismatch(sampled, torch.cat(old), torch.cat([v.expand(len(o)) for v, o in zip(valid, old)]))
+
+    # 4. advantages (KL in the reward: old policy against the reference, summed over each response)
+    overall = torch.tensor([x["overall"] for x in rewards], dtype=torch.float64)
+    if a.kl_in_reward and ref is not None:
+        kl = torch.nn.utils.rnn.pad_sequence([kl_penalty(o, r, a.kl_type) for o, r in zip(old, ref)], True)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(o)) for o in old], True).bool()
+        penalized = kl_penalized_rewards(overall, kl.double(), mask, a.kl_coef)
+        metrics["reward/kl_penalty"] = (overall - penalized).mean().item()
+        overall = penalized
+    advantages = group_advantages(overall, cfg.rollout.n, a.norm_adv_by_std, a.adv_eps)
+    keep = overlong_keep([x.token_ids for x in responses], stop_id, cfg.rollout.max_tokens) if a.overlong_filter \
+        else torch.ones(len(seqs), dtype=torch.bool)
+    metrics |= {"advantages/abs_mean": advantages.abs().mean().item(), "overlong_dropped": int((~keep).sum()),
+                "invalid_responses": int((~valid).sum())}
+
+    # 5. update
+    with timer("update"):
+        metrics |= update(policy, optimizer, seqs, prompts, old, ref, advantages, keep & valid, cfg, hf_config,
+                          pad_id)
+
+    # 6. weight sync
+    with timer("sync"):
+        engine.wake_up()
+        sync_weights(unwrap(policy), hf_config, engine, dtype=engine.dtype)
+    return metrics | timer.stats(tokens=sum(len(s) for s in seqs))

@@ -1,0 +1,75 @@
+"""What the policy sees: grounding prompts from samples, and model micro-batches of prompt + response.
+
+``grounding_prompt`` turns a ``data.annotations.Sample`` into a ``GroundingPrompt`` (sample_frames ->
+``rollout.engine.build_prompt``, plus the ground truth the reward needs). ``model_batch`` turns sequences
+(``TokenSequence``, ``rl.batching``) and the prompt each came from into the right-padded tensors of one
+``forward_logprobs`` call: ids, labels, M-RoPE positions (``get_rope_index``, as the engines use) and the
+videos of the rows, concatenated in row order. GRPO and SFT both build their micro-batches here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from megatron_tr1.data.annotations import Sample
+from megatron_tr1.data.video import sample_frames
+from megatron_tr1.errors import ConfigError
+from megatron_tr1.models.qwen2_5_vl.rope_index import get_rope_index
+from megatron_tr1.rl.batching import TokenSequence, pad_batch
+from megatron_tr1.rl.config import TrainConfig
+from megatron_tr1.rollout.engine import RolloutPrompt, build_prompt
+
+
+@dataclasses.dataclass
+class GroundingPrompt:
+    """A rollout prompt and what the reward compares against: ``gt`` (start, end) seconds, ``duration``."""
+
+    prompt: RolloutPrompt
+    gt: tuple[float, float]
+    duration: float | None
+    query: str
+
+
+def grounding_prompt(sample: Sample, cfg: TrainConfig, tokenizer, hf_config, think: bool | None = None
+                     ) -> GroundingPrompt:
+    """Decode ``sample``'s frames with ``cfg.data.video``'s budget and build its prompt (``think`` defaults
+    to ``cfg.algorithm.think``). ConfigError when it is longer than ``data.max_prompt_tokens``."""
+    v = cfg.data.video
+    frames = sample_frames(sample.video, fps=v.fps, min_frames=v.min_frames, max_frames=v.max_frames,
+                           total_pixels=v.total_pixels, min_pixels=v.min_pixels)
+    prompt = build_prompt(tokenizer, hf_config, sample.query, frames,
+                          cfg.algorithm.think if think is None else think)
+    if len(prompt.input_ids) > cfg.data.max_prompt_tokens:
+        raise ConfigError(f"the prompt of sample {sample.id} has {len(prompt.input_ids)} tokens, more than "
+                          f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}; raise it or lower "
+                          f"data.video.total_pixels / max_frames")
+    return GroundingPrompt(prompt=prompt, gt=sample.gt, duration=sample.duration, query=sample.query)
+
+
+def model_batch(seqs: Sequence[TokenSequence], prompts: Sequence[RolloutPrompt], hf_config,
+                pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """One padded micro-batch for ``forward_logprobs``: ``input_ids``, ``labels``, ``loss_mask``,
+    ``attention_mask`` ``[B, L]``, ``position_ids`` ``[3, B, L]``, ``pixel_values_videos`` and
+    ``video_grid_thw`` (row ``i``'s video is ``prompts[i].video``; every prompt must have one)."""
+    if len(seqs) != len(prompts) or any(p.video is None for p in prompts):
+        raise ValueError(f"model_batch needs one video prompt per sequence, got {len(seqs)} sequences and "
+                         f"{sum(p.video is not None for p in prompts)} video prompts of {len(prompts)}")
+    batch = pad_batch(seqs, pad_id)
+    videos = [p.video for p in prompts]
+    grid = torch.cat([v.video_grid_thw for v in videos])
+    batch["position_ids"] = get_rope_index(
+        hf_config, batch["input_ids"], attention_mask=batch["attention_mask"], video_grid_thw=grid,
+        second_per_grid_ts=torch.tensor([v.second_per_grid_ts for v in videos]))
+    batch["pixel_values_videos"] = torch.cat([v.pixel_values_videos for v in videos])
+    batch["video_grid_thw"] = grid
+    return batch
+
+
+def policy_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, return_entropy: bool = False):
+    """``model.forward_logprobs`` on a ``model_batch`` (log-probs ``[B, L]``, and the entropy if asked)."""
+    return model.forward_logprobs(batch["input_ids"], batch["position_ids"], batch["labels"],
+                                  pixel_values_videos=batch["pixel_values_videos"],
+                                  video_grid_thw=batch["video_grid_thw"], temperature=temperature,
+                                  return_entropy=return_entropy, attention_mask=batch["attention_mask"])
