@@ -40,11 +40,13 @@ def allow_torchvision_without_ops() -> None:
 
 
 # One line (a .pth file runs lines that start with "import"): before the first `import torchvision`, call
-# allow_torchvision_without_ops (megatron_tr1 is importable by then, the .pth runs before sys.path is complete).
+# allow_torchvision_without_ops (megatron_tr1 is importable by then, the .pth runs before sys.path is complete);
+# if megatron_tr1 is gone from this environment, the hook steps aside and torchvision imports as it would without it.
 _HOOK = ("import sys; sys.meta_path.insert(0, type('Tr1TorchvisionHook', (), {'find_spec': "
          "lambda self, name, path=None, target=None: None if name != 'torchvision' else "
-         "[__import__('sys').meta_path.remove(self), __import__('megatron_tr1.rollout.vllm_worker', "
-         "fromlist=['_']).allow_torchvision_without_ops()] and None})())\n")
+         "[__import__('sys').meta_path.remove(self), __import__('importlib.util').util.find_spec('megatron_tr1') "
+         "and __import__('megatron_tr1.rollout.vllm_worker', fromlist=['_']).allow_torchvision_without_ops()] "
+         "and None})())\n")
 HOOK_FILE = "tr1_torchvision_hook.pth"
 
 
