@@ -13,7 +13,7 @@ import torch
 
 from megatron_tr1.rl.batching import TokenSequence, sft_sequence, sft_target
 from megatron_tr1.rl.config import TrainConfig
-from megatron_tr1.rl.grpo import forward_backward, loss_weights, micro_batches, optimizer_step, zero_grad
+from megatron_tr1.rl.update import forward_backward, loss_weights, micro_batches, optimizer_step, zero_grad
 from megatron_tr1.rl.prompts import GroundingPrompt
 from megatron_tr1.rl.stats import StepTimer
 from megatron_tr1.rollout.engine import stop_token_id
