@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tr1.data.video import VideoFrames
-from megatron_tr1.rollout.engine import build_prompt
+from megatron_tr1.rollout.engine import Sampling, build_prompt, stop_token_id
 
 VIDEO_SHAPE = (4, 3, 32, 48)  # frames of the tiny model's 4x4 patches: grid (2, 8, 12), 48 visual tokens
 
@@ -27,6 +27,20 @@ def tiny_frames(seed: int = 0, fps: float = 2.0) -> VideoFrames:
 
 def video_prompt(config, tokenizer, query: str = "a person opens the door", seed: int = 0, fps: float = 2.0):
     return build_prompt(tokenizer, config, query, tiny_frames(seed, fps))
+
+
+def stop_case(engine, hf, tokenizer, push):
+    """Swap the LM-head rows of greedy decoding's second token and <|im_end|>, load the head with ``push(head)``,
+    and return ``(response, first_token, stop_id)`` of a new greedy generation, which must end at <|im_end|>."""
+    prompt = video_prompt(hf.config, tokenizer)
+    greedy = Sampling(temperature=0, max_tokens=5)
+    a, b = engine.generate([prompt], 1, greedy)[0][0].token_ids[:2]
+    stop = stop_token_id(tokenizer)
+    assert len({a, b, stop}) == 3
+    head = hf.lm_head.weight.detach().clone()
+    head[[b, stop]] = head[[stop, b]]
+    push(head)
+    return engine.generate([prompt], 1, greedy)[0][0], a, stop
 
 
 def write_model_dir(hf, path) -> str:

@@ -10,11 +10,11 @@ import torch
 
 from megatron_tr1.convert.mapping import hf_disk_name
 from megatron_tr1.errors import CheckpointError, ConfigError
-from megatron_tr1.rollout.engine import Sampling, make_engine, stop_token_id
+from megatron_tr1.rollout.engine import Sampling, make_engine
 from megatron_tr1.rollout.hf_engine import HFEngine
 from megatron_tr1.testing.tiny_model import tiny_hf_model
 
-from _cases import recomputed_logprobs, video_prompt
+from _cases import recomputed_logprobs, stop_case, video_prompt
 
 LOGPROB_ATOL = 1e-5
 
@@ -68,17 +68,10 @@ def test_greedy_equals_hf_generate_on_text_prompt(hf, tokenizer, engine):
 
 def test_stops_at_im_end(hf, tokenizer, engine):
     """Swapping two LM-head rows makes greedy decoding emit <|im_end|> second; the response ends there."""
-    prompt = video_prompt(hf.config, tokenizer)
-    greedy = Sampling(temperature=0, max_tokens=5)
-    a, b = engine.generate([prompt], 1, greedy)[0][0].token_ids[:2]
-    stop = stop_token_id(tokenizer)
-    assert len({a, b, stop}) == 3
-    head = hf.lm_head.weight.detach().clone()
-    head[[b, stop]] = head[[stop, b]]
-    engine.update_weights([("lm_head.weight", head)])
-    response = engine.generate([prompt], 1, greedy)[0][0]
-    assert response.token_ids == [a, stop] and response.finish_reason == "stop"
-    assert response.text == tokenizer.decode([a])
+    response, first, stop = stop_case(engine, hf, tokenizer,
+                                      lambda head: engine.update_weights([("lm_head.weight", head)]))
+    assert response.token_ids == [first, stop] and response.finish_reason == "stop"
+    assert response.text == tokenizer.decode([first])
 
 
 def test_bad_input_is_a_clear_error(hf, tokenizer, engine):

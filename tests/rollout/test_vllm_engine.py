@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_tr1.convert.mapping import hf_disk_name
-from megatron_tr1.rollout.engine import Sampling, stop_token_id
+from megatron_tr1.rollout.engine import Sampling
 from megatron_tr1.rollout.weight_sync import SyncStats, bucketed
 from megatron_tr1.testing.tiny_model import tiny_hf_config, tiny_hf_model
 
@@ -129,15 +129,8 @@ def test_stops_at_im_end(setup, tokenizer):
     engine, hf = setup
     if hf.config.tie_word_embeddings:
         pytest.skip("swapping LM-head rows of a tied model also swaps input embeddings")
-    prompt = _cases.video_prompt(hf.config, tokenizer)
-    greedy = Sampling(temperature=0, max_tokens=5)
-    a, b = engine.generate([prompt], 1, greedy)[0][0].token_ids[:2]
-    stop = stop_token_id(tokenizer)
-    assert len({a, b, stop}) == 3
-    head = hf.lm_head.weight.detach().clone()
-    head[[b, stop]] = head[[stop, b]]
-    engine.update_weights(dict(hf_stream(hf), **{"lm_head.weight": head}).items())
-    response = engine.generate([prompt], 1, greedy)[0][0]
+    response, first, stop = _cases.stop_case(
+        engine, hf, tokenizer, lambda head: engine.update_weights(dict(hf_stream(hf), **{"lm_head.weight": head}).items()))
     engine.update_weights(hf_stream(hf))
-    assert response.token_ids == [a, stop] and response.finish_reason == "stop"
-    assert response.text == tokenizer.decode([a])
+    assert response.token_ids == [first, stop] and response.finish_reason == "stop"
+    assert response.text == tokenizer.decode([first])
