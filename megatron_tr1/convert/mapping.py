@@ -130,10 +130,12 @@ class Dims:
             raise ConfigError(f"{source}: not a Qwen2.5-VL config ({e}); pass the config.json of a "
                               "Qwen2_5_VLForConditionalGeneration checkpoint") from None
 
-    def validate(self, tp_size: int, pp_size: int) -> None:
-        """Raise ConfigError unless TP divides every split size and PP divides the number of layers."""
+    def validate(self, tp_size: int, pp_size: int, tp_label: str = "--tp {}", pp_label: str = "--pp {}") -> None:
+        """Raise ConfigError unless TP divides every split size and PP divides the number of layers. The labels
+        name the layout as the caller's user wrote it (``tr1 convert``'s flags; the model's config keys)."""
+        tp_name, pp_name = tp_label.format(tp_size), pp_label.format(pp_size)
         if tp_size < 1 or pp_size < 1:
-            raise ConfigError(f"--tp {tp_size} --pp {pp_size}: both must be >= 1")
+            raise ConfigError(f"{tp_name} {pp_name}: both must be >= 1")
         if self.heads % self.groups:
             raise ConfigError(f"{self.source}: text_config.num_attention_heads={self.heads} is not a multiple of "
                               f"num_key_value_heads={self.groups}; the config is inconsistent")
@@ -145,10 +147,10 @@ class Dims:
                              ("vision_config.intermediate_size", self.v_ffn),
                              ("vision_config.hidden_size*spatial_merge_size**2", self.merger_hidden)):
             if value % tp_size:
-                raise ConfigError(f"--tp {tp_size} does not divide {field}={value} ({self.source}); choose a TP "
+                raise ConfigError(f"{tp_name} does not divide {field}={value} ({self.source}); choose a TP "
                                   f"size that divides it")
         if self.layers % pp_size:
-            raise ConfigError(f"--pp {pp_size} does not divide text_config.num_hidden_layers={self.layers} "
+            raise ConfigError(f"{pp_name} does not divide text_config.num_hidden_layers={self.layers} "
                               f"({self.source}); choose a PP size that divides it")
 
 

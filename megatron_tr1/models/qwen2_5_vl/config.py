@@ -10,29 +10,17 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_tr1.convert.mapping import Dims
 from megatron_tr1.errors import ConfigError
 
 VISION_NORM_EPS = 1e-6  # fixed in Qwen2.5-VL's vision blocks and merger (not in the HF config)
 
 
 def validate_layout(hf_config, tp: int, pp: int) -> None:
-    """Raise ``ConfigError`` unless TP divides heads, query groups, vocab and vision heads and PP the layers."""
+    """Raise ``ConfigError`` unless the model can be sharded into TP x PP (the split sizes are the conversion
+    table's, ``Dims.validate``) and uses what this implementation supports (SiLU, an M-RoPE section)."""
     text, vision = hf_config.text_config, hf_config.vision_config
-    checks = [
-        ("text_config.num_attention_heads", text.num_attention_heads, tp, "tensor_parallel"),
-        ("text_config.num_key_value_heads", text.num_key_value_heads, tp, "tensor_parallel"),
-        ("text_config.vocab_size", text.vocab_size, tp, "tensor_parallel"),
-        ("text_config.intermediate_size", text.intermediate_size, tp, "tensor_parallel"),
-        ("vision_config.num_heads", vision.num_heads, tp, "tensor_parallel"),
-        ("vision_config.intermediate_size", vision.intermediate_size, tp, "tensor_parallel"),
-        ("vision_config.hidden_size*spatial_merge_size**2", vision.hidden_size * vision.spatial_merge_size ** 2,
-         tp, "tensor_parallel"),
-        ("text_config.num_hidden_layers", text.num_hidden_layers, pp, "pipeline_parallel"),
-    ]
-    for field, value, size, name in checks:
-        if size < 1 or value % size:
-            raise ConfigError(f"{name}={size} must divide {field}={value}; choose {name} among the divisors "
-                              f"of {value}")
+    Dims.from_hf_config(hf_config, source="HF config").validate(tp, pp, "tensor_parallel={}", "pipeline_parallel={}")
     for field, act in (("text_config.hidden_act", text.hidden_act), ("vision_config.hidden_act", vision.hidden_act)):
         if act != "silu":
             raise ConfigError(f"{field}={act!r} is not supported; Qwen2.5-VL uses 'silu'")
