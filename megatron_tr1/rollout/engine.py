@@ -130,7 +130,7 @@ def make_engine(kind: str, hf_config, tokenizer, **kwargs) -> RolloutEngine:
 def _import_vllm():
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache; vLLM's CPU default is 4
-        from megatron_tr1.rollout.vllm_worker import allow_torchvision_without_ops
+        from megatron_tr1.torchvision_cpu import allow_torchvision_without_ops
         allow_torchvision_without_ops()
     try:
         import vllm

