@@ -61,9 +61,12 @@ class ModelConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    recompute: Literal["none", "selective", "full"] = "none"  # activation recomputation (megatron-core)
 
     def __post_init__(self):
         _positive(self, "tensor_parallel", "pipeline_parallel")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ConfigError(f"recompute={self.recompute!r} must be one of none, selective, full")
         if self.freeze_vision and self.freeze_merger and self.freeze_llm:
             raise ConfigError("freeze_vision, freeze_merger and freeze_llm are all true: nothing would be trained")
 

@@ -1,9 +1,14 @@
 """A tiny, deterministic Qwen2.5-VL-shaped tokenizer for tests and the CPU demo.
 
 Byte-level BPE (``tokenizers``) with a 512-token vocabulary trained on a built-in corpus of Temporal-R1
-prompts and answers. The Qwen2.5-VL special tokens sit at ``TINY_SPECIAL_TOKENS``' ids (0..7), eos is
+queries and answers. The Qwen2.5-VL special tokens sit at ``TINY_SPECIAL_TOKENS``' ids (0..7), eos is
 ``<|im_end|>``, pad is ``<|endoftext|>``, and the chat template is Qwen2.5-VL's own, so prompts have the real
 shape. Byte-level means any text decodes back exactly.
+
+Two choices keep the demo's sequences short (its CPU budget is set by tokens per step): the fixed phrases of
+the task (``PHRASES``: the system prompts, the query template around the caption, the answer's tags and JSON
+keys) are single tokens, as a domain tokenizer's merges would make them; and digits are split one per token,
+as Qwen2's tokenizer does, so a time is spelled digit by digit. A demo prompt is ~50 tokens, not ~170.
 """
 from __future__ import annotations
 
@@ -42,9 +47,20 @@ _EVENTS = [
 ]
 
 
+_QUERY_PREFIX, _QUERY_SUFFIX = QUERY_TEMPLATE.split("{query}")
+# whole-phrase tokens (non-special added tokens: matched before BPE, decoded verbatim)
+PHRASES = (
+    SYSTEM_PROMPT_THINK, SYSTEM_PROMPT_NO_THINK, "You are a helpful assistant.", _QUERY_PREFIX, _QUERY_SUFFIX,
+    "<think>", "</think>", "<answer>", "</answer>", '{"start_time": "', '", "end_time": "', '"}',
+)
+
+
 def _corpus() -> list[str]:
-    lines = [SYSTEM_PROMPT_THINK, SYSTEM_PROMPT_NO_THINK]
-    for i, event in enumerate(_EVENTS):
+    from megatron_tr1.data.synthetic import EVENTS
+
+    queries = _EVENTS + [q for phrasings in EVENTS.values() for q in phrasings]
+    lines = ["system\n", "user\n", "assistant\n"]
+    for i, event in enumerate(queries):
         start, end = (7 * i) % 23 + 0.1 * (i % 10), (7 * i) % 23 + 4.5 + 0.3 * (i % 7)
         answer = f'<answer>{{"start_time": "{start:.1f}", "end_time": "{end:.1f}"}}</answer>'
         lines += [
@@ -59,18 +75,27 @@ def _corpus() -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     specials = sorted(TINY_SPECIAL_TOKENS, key=TINY_SPECIAL_TOKENS.get)
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        min_frequency=1, show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer)
-    return tok.to_str()
+    corpus = _corpus()
+    for phrase in PHRASES:  # merges go to the rest; the phrases become tokens of their own below
+        corpus = [line.replace(phrase, " ") for line in corpus]
+    bpe_size = VOCAB_SIZE - len(PHRASES)
+    while True:  # a phrase the BPE already learned is not added twice: grow the BPE part until 512 in all
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=bpe_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            min_frequency=1, show_progress=False,
+        )
+        tok.train_from_iterator(corpus, trainer)
+        tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in PHRASES])
+        if tok.get_vocab_size() >= VOCAB_SIZE:
+            return tok.to_str()
+        bpe_size += VOCAB_SIZE - tok.get_vocab_size()
 
 
 def build_tiny_tokenizer(save_dir: str | Path | None = None):
