@@ -15,6 +15,7 @@ from megatron_tr1.errors import UserError
 
 # name -> (module, one-line help). Order is the order shown by ``tr1 --help``.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("megatron_tr1.rl.train_cli", "train: base / SFT / GRPO stages (no --config: the embedded CPU demo)"),
     "make-synthetic": ("megatron_tr1.data.synthetic", "write a synthetic temporal-grounding dataset (videos + annotations)"),
     "eval": ("megatron_tr1.eval.evaluate", "evaluate a model or a trivial baseline: mIoU, R@0.3/0.5/0.7"),
     "convert": ("megatron_tr1.convert.cli", "convert checkpoints: hf-to-mcore / mcore-to-hf"),

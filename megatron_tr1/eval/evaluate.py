@@ -1,10 +1,10 @@
 """``tr1 eval``: run a predictor over a data config and score it (mIoU, R@0.3/0.5/0.7 per dataset).
 
 A predictor maps samples to raw answer texts (``Predictor.predict``); the texts are parsed (``parse_answer`` by
-default, or lmms-eval's offline parser) and scored against the ground truth in seconds. Today's predictors are
-trivial baselines that answer a fixed fraction of each video: ``full`` (the whole video), ``center`` (the middle
-half) and ``best-fixed`` (the span maximising mIoU on ``--fit-data``, found on a grid); a model predictor plugs in
-the same way. ``--out DIR`` writes ``predictions.jsonl`` (one line per sample), ``submission.json`` (lmms-eval's
+default, or lmms-eval's offline parser) and scored against the ground truth in seconds. A model (``--model DIR``:
+``eval.model_predictor``, greedy decoding through the rollout engine, ``--no-think`` for answer-only prompts) or a
+trivial baseline answering a fixed fraction of each video: ``full`` (the whole video), ``center`` (the middle
+half) and ``best-fixed`` (the span maximising mIoU on ``--fit-data``, found on a grid). ``--out DIR`` writes ``predictions.jsonl`` (one line per sample), ``submission.json`` (lmms-eval's
 ``temporal_grounding`` layout: ``"video>>>query>>>[start, end]": raw answer``, readable by its ``eval_tvg.py``)
 and ``metrics.json``.
 """
@@ -131,8 +131,17 @@ def _samples(config: str, seed: int, strict: bool) -> list[Sample]:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="data config YAML to evaluate on")
-    parser.add_argument("--baseline", required=True, choices=[*FIXED_SPANS, "best-fixed"],
-                        help="full: whole video; center: middle half; best-fixed: span fitted on --fit-data")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="an HF Qwen2.5-VL folder, or a tr1 Megatron checkpoint folder (e.g. "
+                                      "RUN/stages/grpo/model): greedy decoding through the rollout engine")
+    what.add_argument("--baseline", choices=[*FIXED_SPANS, "best-fixed"],
+                      help="full: whole video; center: middle half; best-fixed: span fitted on --fit-data")
+    parser.add_argument("--no-think", action="store_true", help="prompt for the answer only (no <think>)")
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout engine for --model")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="response budget for --model")
+    parser.add_argument("--train-config", help="train config YAML whose data.video frame budget to use for --model "
+                                               "(default: the run's config.yaml next to a trained model, else "
+                                               "Temporal-R1's: 2 fps, up to 2048 visual tokens)")
     parser.add_argument("--fit-data", help="data config YAML the best-fixed span is fitted on (e.g. the train split)")
     parser.add_argument("--parser", choices=list(PARSERS), default="answer",
                         help="answer: <answer> JSON or 's - e' (default); lmms-eval: its offline free-text parser")
@@ -141,8 +150,34 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lenient", action="store_true", help="skip bad samples (with one warning) instead of failing")
 
 
+REFERENCE_VIDEO = dict(fps=2.0, min_frames=4, max_frames=768, total_pixels=2048 * 28 * 28, min_pixels=4 * 28 * 28)
+
+
+def video_budget(args):
+    """The frame budget for ``--model``: ``--train-config``'s, the run's ``config.yaml`` beside the model
+    folder (``RUN/stages/<stage>/config.yaml``), or Temporal-R1's."""
+    from megatron_tr1.rl.config import VideoBudget, load_train_config
+
+    config = args.train_config
+    if config is None and (Path(args.model).parent / "config.yaml").is_file():
+        config = Path(args.model).parent / "config.yaml"
+    if config is not None:
+        return load_train_config(config).data.video
+    return VideoBudget(**REFERENCE_VIDEO)
+
+
 def build_predictor(args) -> tuple[Predictor, dict]:
     """The predictor the arguments ask for, and what to record about it in ``metrics.json``."""
+    if args.model:
+        from megatron_tr1.eval.model_predictor import load_model_predictor
+
+        if args.fit_data:
+            raise ConfigError("--fit-data is for --baseline best-fixed, not --model")
+        budget = video_budget(args)
+        predictor = load_model_predictor(args.model, args.engine, budget, think=not args.no_think,
+                                         max_tokens=args.max_tokens, name=Path(args.model).name)
+        return predictor, {"model": args.model, "think": not args.no_think, "engine": args.engine,
+                           "video": dataclasses.asdict(budget)}
     if (args.baseline == "best-fixed") != bool(args.fit_data):
         raise ConfigError("--fit-data CONFIG is needed by --baseline best-fixed and only by it "
                           "(e.g. --baseline best-fixed --fit-data runs/synthetic/train.yaml)")

@@ -221,6 +221,7 @@ class StageConfig:
     episodes: float = 0.0
     lr: float | None = None  # None: optim.lr
     global_batch_size: int | None = None  # None: optim.global_batch_size
+    think: bool | None = None  # prompt with <think> (None: algorithm.think; grpo_no_think is always False)
 
     def __post_init__(self):
         _positive(self, "steps", "episodes", allow_zero=True)
@@ -244,10 +245,11 @@ class StagesConfig:
     ``algorithm.reward_no_think``. A real run disables all but the stage it wants.
     """
 
-    base: StageConfig = field(default_factory=lambda: StageConfig(steps=600, lr=3e-3, global_batch_size=32))
-    sft: StageConfig = field(default_factory=lambda: StageConfig(steps=1200, lr=3e-3, global_batch_size=32))
-    grpo: StageConfig = field(default_factory=lambda: StageConfig(steps=300, lr=2e-4))
-    grpo_no_think: StageConfig = field(default_factory=lambda: StageConfig(steps=300, lr=2e-4))
+    base: StageConfig = field(default_factory=lambda: StageConfig(steps=300, lr=3e-3, global_batch_size=32))
+    sft: StageConfig = field(default_factory=lambda: StageConfig(steps=600, lr=3e-3, global_batch_size=32,
+                                                                 think=False))
+    grpo: StageConfig = field(default_factory=lambda: StageConfig(steps=120, lr=5e-4))
+    grpo_no_think: StageConfig = field(default_factory=lambda: StageConfig(steps=120, lr=5e-4))
 
 
 @dataclass
@@ -257,7 +259,8 @@ class CheckpointConfig:
     dir: str | None = None  # None: RUN_DIR/checkpoints
     every: int = 0  # steps; 0: only at the end
     keep_last: int = 2  # 0: keep all
-    resume: str | None = None  # "latest" or a checkpoint folder
+    resume: str | None = None  # "auto" (= "latest": the newest complete one, or a fresh start) or a step folder
+    reset_optimizer: bool = False  # resuming at another TP x PP: reshard the weights, start the Adam moments fresh
 
     def __post_init__(self):
         _positive(self, "every", "keep_last", allow_zero=True)

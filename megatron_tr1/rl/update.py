@@ -67,11 +67,29 @@ def optimizer_step(model, optimizer, grad_clip: float) -> float:
 
     if isinstance(optimizer, MegatronOptimizer):
         finalize_model_grads([model])
+        if not grads_finite(model):
+            return float("nan")
         return float(optimizer.step()[1])
     params = [p for p in model.parameters() if p.requires_grad]
+    if not grads_finite(model):
+        return float("nan")
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
     return float(norm)
+
+
+def grads_finite(model) -> bool:
+    """Whether every gradient on every rank is finite (a non-finite one: the step is skipped, its gradient norm
+    reported as NaN, and ``rl.guards.NanGuard`` counts it)."""
+    finite = torch.ones((), dtype=torch.float32)
+    for p in model.parameters():
+        grad = getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None else p.grad
+        if p.requires_grad and grad is not None and not torch.isfinite(grad).all():
+            finite.zero_()
+            break
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
 
 
 def zero_grad(model, optimizer) -> None:

@@ -1,9 +1,10 @@
 """``HFEngine``: the pure-PyTorch rollout engine (HF ``Qwen2_5_VLForConditionalGeneration`` + a KV cache).
 
-For machines where vLLM does not run, and as the reference the vLLM engine is tested against. Each prompt is
-prefilled once at the trainer's M-RoPE positions (``engine.prompt_positions``), its KV cache is repeated ``n``
-times and the ``n`` samples decode together, token ``k`` at position ``last + 1 + k``. Sampling is
-temperature + top-p from one seeded ``torch.Generator`` per prompt.
+For machines where vLLM does not run, and as the reference the vLLM engine is tested against. Prompts are
+prefilled together (left-padded, up to ``max_batch_prompts``) at the trainer's M-RoPE positions
+(``engine.prompt_positions``), each prompt's KV cache is repeated ``n`` times and all samples decode together,
+token ``k`` of a response at position ``last + 1 + k`` of its prompt. Sampling is temperature + top-p from one
+seeded ``torch.Generator`` per prompt (prompt ``i`` of a call: ``seed + i``).
 """
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ class HFEngine(RolloutEngine):
     ``sleep`` parks the model in CPU memory."""
 
     def __init__(self, hf_config, tokenizer, model_dir: str | None = None, dtype: torch.dtype = torch.float32,
-                 device: str = "cpu"):
-        """Random weights from ``hf_config`` (to be pushed), or those of the HF directory ``model_dir``."""
+                 device: str = "cpu", max_batch_prompts: int = 64):
+        """Random weights from ``hf_config`` (to be pushed), or those of the HF directory ``model_dir``;
+        ``generate`` prefills up to ``max_batch_prompts`` prompts together."""
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         if model_dir is None:
@@ -50,7 +52,7 @@ class HFEngine(RolloutEngine):
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, config=hf_config)
         self.model = model.to(device=device, dtype=dtype).eval()
         self.config, self.tokenizer, self.device = hf_config, tokenizer, device
-        self.dtype = dtype
+        self.dtype, self.max_batch_prompts = dtype, max_batch_prompts
         self.stop_id = stop_token_id(tokenizer)
 
     @torch.no_grad()
@@ -78,40 +80,62 @@ class HFEngine(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[RolloutPrompt], n: int, sampling: Sampling) -> list[list[Response]]:
-        return [self._generate_one(p, n, sampling, i) for i, p in enumerate(prompts)]
+        out = []
+        for start in range(0, len(prompts), self.max_batch_prompts):
+            out += self._generate_batch(prompts[start: start + self.max_batch_prompts], n, sampling, start)
+        return out
 
-    def _generate_one(self, prompt: RolloutPrompt, n: int, sampling: Sampling, index: int) -> list[Response]:
-        generator = torch.Generator(self.device)
-        if sampling.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(sampling.seed + index)
-        positions = prompt_positions(self.config, prompt).to(self.device)
+    def _generate_batch(self, prompts: Sequence[RolloutPrompt], n: int, sampling: Sampling, offset: int
+                        ) -> list[list[Response]]:
+        """Prefill the prompts together (left-padded), repeat each one's cache ``n`` times, decode all rows."""
+        generators = []
+        for i in range(len(prompts)):
+            generator = torch.Generator(self.device)
+            if sampling.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(sampling.seed + offset + i)
+            generators.append(generator)
+        width = max(len(p.input_ids) for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        positions = torch.zeros(3, len(prompts), width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            k = len(p.input_ids)
+            ids[i, width - k:] = torch.tensor(p.input_ids)
+            mask[i, width - k:] = 1
+            positions[:, i, width - k:] = prompt_positions(self.config, p)
         video = {}
-        if prompt.video is not None:
-            video = dict(pixel_values_videos=prompt.video.pixel_values_videos.to(self.device, self.model.dtype),
-                         video_grid_thw=prompt.video.video_grid_thw.to(self.device))
-        out = self.model(input_ids=torch.tensor([prompt.input_ids], device=self.device),
-                         position_ids=positions[:, None], use_cache=True, **video)
+        videos = [p.video for p in prompts if p.video is not None]
+        if videos:
+            video = dict(pixel_values_videos=torch.cat([v.pixel_values_videos for v in videos]).to(
+                self.device, self.model.dtype), video_grid_thw=torch.cat([v.video_grid_thw for v in videos]).to(
+                self.device))
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), use_cache=True, **video)
         cache = out.past_key_values
         cache.batch_repeat_interleave(n)
-        logits = out.logits[:, -1].float().expand(n, -1)
-        next_position = int(positions[:, -1].max()) + 1
+        logits = out.logits[:, -1].float().repeat_interleave(n, 0)
+        mask = mask.to(self.device).repeat_interleave(n, 0)
+        next_position = (positions.amax(dim=(0, 2)) + 1).to(self.device).repeat_interleave(n)
         tokens, logprobs = [], []
-        done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        done = torch.zeros(len(prompts) * n, dtype=torch.bool, device=self.device)
         for step in range(sampling.max_tokens):
-            token, logprob = sample_next(logits, sampling, generator)
+            sampled = [sample_next(logits[i * n:(i + 1) * n], sampling, g) for i, g in enumerate(generators)]
+            token, logprob = torch.cat([t for t, _ in sampled]), torch.cat([lp for _, lp in sampled])
             tokens.append(token)
             logprobs.append(logprob)
             done |= token == self.stop_id
             if bool(done.all()) or step == sampling.max_tokens - 1:
                 break
-            step_positions = torch.full((3, n, 1), next_position + step, device=self.device)
-            out = self.model(input_ids=token[:, None], position_ids=step_positions, past_key_values=cache,
-                             use_cache=True)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            step_positions = (next_position + step)[None, :, None].expand(3, -1, 1)
+            out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=step_positions,
+                             past_key_values=cache, use_cache=True)
             cache, logits = out.past_key_values, out.logits[:, -1].float()
-        return [self._response(torch.stack(tokens, 1)[i].tolist(), torch.stack(logprobs, 1)[i].tolist())
-                for i in range(n)]
+        tokens, logprobs = torch.stack(tokens, 1), torch.stack(logprobs, 1)
+        return [[self._response(tokens[i * n + j].tolist(), logprobs[i * n + j].tolist()) for j in range(n)]
+                for i in range(len(prompts))]
 
     def _response(self, token_ids: list[int], logprobs: list[float]) -> Response:
         """Cut at the first stop token (kept); finished rows kept sampling in lockstep after it."""

@@ -1,13 +1,19 @@
 """Weight sync: stream the Megatron policy (any TP x PP) into a rollout engine as HF tensors, in bounded buckets.
 
 Every rank of the model-parallel group calls ``sync_weights(model, hf_config, engine)`` with the same model;
-ranks without an engine pass ``engine=None`` and only take part in the collectives. Parameters are walked in
-``convert.mapping.params`` order, stage by stage: the owning stage all-gathers each TP-split tensor over its TP
-group and re-fuses it into HF tensors with ``mapping.merge`` (QKV, gate/up), then the stage broadcasts them
-over the PP group. Tensors are cast to the engine's dtype and packed into buckets of at most ``bucket_bytes``;
-a bucket is filled, handed to the engine tensor by tensor (each released once consumed), then the next is
-filled, so no more than ``bucket_bytes`` of converted weights are ever buffered (plus the parameter being
-gathered and the tensor the engine is loading). The whole stream goes through one ``engine.update_weights`` call per sync.
+ranks without an engine pass ``engine=None`` and only take part in the collectives. The HF tensors are walked
+in ``convert.mapping.params`` order, stage by stage, and packed greedily into buckets of at most
+``bucket_bytes`` in the engine's dtype (``bucket_plan``; a bucket never spans two stages). Every rank derives
+the same plan from the config, so only data moves: for each bucket the owning stage all-gathers each TP-split
+parameter over its TP group, re-fuses it into HF tensors with ``mapping.merge`` (QKV, gate/up), casts them into
+one flat buffer and broadcasts that buffer once over the PP group; receivers hand views of it to the engine
+tensor by tensor. Collectives per sync and rank: one PP broadcast per bucket (PP > 1) plus one TP all-gather
+per TP-split parameter of the owning stage (TP > 1), counted in ``SyncStats.collectives``. A bucket's last
+tensor is handed over as a copy, so the buffer is freed before the next bucket is filled even while the engine
+still holds that tensor: no more than ``bucket_bytes`` of converted weights are ever buffered (plus the
+parameter being gathered, whose HF tensors may straddle two buckets, and the tensor the engine is loading).
+The whole stream goes through one ``engine.update_weights`` call per sync. ``bucketed`` applies the same
+packing to any ``(name, tensor)`` stream, without collectives.
 """
 from __future__ import annotations
 
@@ -31,13 +37,15 @@ DEFAULT_BUCKET_BYTES = 512 * 2 ** 20
 
 @dataclasses.dataclass
 class SyncStats:
-    """What one sync moved: seconds, HF tensors, bytes (in the engine dtype), buckets, largest bucket."""
+    """What one sync moved: seconds, HF tensors, bytes (in the engine dtype), buckets, largest bucket, and the
+    collectives this rank issued (PP broadcasts + TP all-gathers)."""
 
     seconds: float = 0.0
     tensors: int = 0
     bytes: int = 0
     buckets: int = 0
     peak_bucket_bytes: int = 0
+    collectives: int = 0
 
 
 def _too_small(bucket_bytes: int, name: str, shape, dtype: torch.dtype, size: int) -> ConfigError:
@@ -45,13 +53,54 @@ def _too_small(bucket_bytes: int, name: str, shape, dtype: torch.dtype, size: in
                        f"{dtype} ({size} bytes); set it to at least {size}")
 
 
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def check_bucket_bytes(dims: mapping.Dims, dtype: torch.dtype, bucket_bytes: int) -> None:
     """ConfigError naming the largest HF tensor unless it fits in one bucket (checked before any collective)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = _itemsize(dtype)
     size, name, shape = max((math.prod(shape) * itemsize, name, shape) for _, p in mapping.all_params(dims, 1)
                             for name, shape in zip(p.hf, p.hf_shapes))
     if size > bucket_bytes:
         raise _too_small(bucket_bytes, name, shape, dtype, size)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    """One HF tensor in a bucket: its Param, name, shape and element offset in the bucket's flat buffer."""
+
+    param: mapping.Param
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    numel: int
+
+
+def bucket_plan(dims: mapping.Dims, stage: int, pp_size: int, dtype: torch.dtype, bucket_bytes: int
+                ) -> list[list[_Slot]]:
+    """The buckets of pipeline stage ``stage``: its HF tensors in ``mapping.params`` order (the tied output
+    layer's embedding copy is not one), packed greedily into buckets of at most ``bucket_bytes`` in ``dtype``.
+    The same on every rank; ``check_bucket_bytes`` first."""
+    itemsize, limit = _itemsize(dtype), bucket_bytes // _itemsize(dtype)
+    buckets: list[list[_Slot]] = []
+    bucket: list[_Slot] = []
+    used = 0
+    for p in mapping.params(dims, stage, pp_size):
+        if p.embedding_copy:  # the tied output layer: the first stage sends the embedding itself
+            continue
+        for name, shape in zip(p.hf, p.hf_shapes):
+            numel = math.prod(shape)
+            if numel * itemsize > bucket_bytes:
+                raise _too_small(bucket_bytes, name, shape, dtype, numel * itemsize)
+            if used + numel > limit:
+                buckets.append(bucket)
+                bucket, used = [], 0
+            bucket.append(_Slot(p, name, tuple(shape), used, numel))
+            used += numel
+    if bucket:
+        buckets.append(bucket)
+    return buckets
 
 
 def _local_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -59,8 +108,14 @@ def _local_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {mapping.mcore_local_name(k): v for k, v in model.state_dict().items() if mapping.is_weight_name(k)}
 
 
-def gathered_hf_tensors(model: torch.nn.Module, dims: mapping.Dims) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(hf_name, full tensor)`` for the whole model, on every rank of the model-parallel group (collective)."""
+def gathered_hf_tensors(model: torch.nn.Module, dims: mapping.Dims, dtype: torch.dtype = torch.float32,
+                        bucket_bytes: int = DEFAULT_BUCKET_BYTES, stats: SyncStats | None = None,
+                        keep: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(hf_name, full tensor in dtype)`` for the whole model, on every rank of the model-parallel group
+    (collective), bucket by bucket as the module docstring says; ``stats`` counts what this rank buffered and
+    the collectives it issued. The tensors are views of the current bucket: copy what must outlive the next
+    ``next()``. ``keep=False`` (a rank without an engine) runs the collectives and yields nothing."""
+    stats = SyncStats() if stats is None else stats
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     pp_group = parallel_state.get_pipeline_model_parallel_group()
@@ -69,32 +124,57 @@ def gathered_hf_tensors(model: torch.nn.Module, dims: mapping.Dims) -> Iterator[
     pp_ranks = dist.get_process_group_ranks(pp_group) if pp_size > 1 else [dist.get_rank()]
     state = _local_state(model)
     mapping.check_rank_names(state, mapping.params(dims, pp_rank, pp_size), f"weight sync, pp stage {pp_rank}")
-    first = next(iter(state.values()))
+    device = next(iter(state.values())).device
+    pack = keep or pp_size > 1  # a lone TP rank without an engine only joins the all-gathers
+
+    def gather(p: mapping.Param) -> dict[str, torch.Tensor]:
+        shard = state[p.mcore].detach()
+        if p.kind == mapping.REPLICATED or tp_size == 1:
+            return mapping.merge(p, [shard] * tp_size)
+        shards = [torch.empty_like(shard) for _ in range(tp_size)]
+        dist.all_gather(shards, shard.contiguous(), group=tp_group)
+        stats.collectives += 1
+        return mapping.merge(p, shards)
+
     for stage in range(pp_size):
-        for p in mapping.params(dims, stage, pp_size):
-            if p.embedding_copy:  # the tied output layer: the first stage sends the embedding itself
-                continue
-            if stage == pp_rank:
-                shard = state[p.mcore].detach()
-                if p.kind == mapping.REPLICATED or tp_size == 1:
-                    shards = [shard] * tp_size
-                else:
-                    shards = [torch.empty_like(shard) for _ in range(tp_size)]
-                    dist.all_gather(shards, shard.contiguous(), group=tp_group)
-                full = mapping.merge(p, shards)
-            else:
-                full = {name: torch.empty(shape, dtype=first.dtype, device=first.device)
-                        for name, shape in zip(p.hf, p.hf_shapes)}
+        pending: dict[str, torch.Tensor] = {}  # merged HF tensors of the parameter being gathered, not yet packed
+        for bucket in bucket_plan(dims, stage, pp_size, dtype, bucket_bytes):
+            numel = bucket[-1].offset + bucket[-1].numel
+            flat = torch.empty(numel, dtype=dtype, device=device) if pack else None
+            for slot in bucket:
+                if stage == pp_rank:
+                    if slot.name not in pending:
+                        pending = gather(slot.param)
+                    tensor = pending.pop(slot.name)
+                    if flat is not None:
+                        flat[slot.offset:slot.offset + slot.numel].view(slot.shape).copy_(tensor)
+                    del tensor
             if pp_size > 1:
-                for tensor in full.values():
-                    dist.broadcast(tensor, src=pp_ranks[stage], group=pp_group)
-            yield from full.items()
+                dist.broadcast(flat, src=pp_ranks[stage], group=pp_group)
+                stats.collectives += 1
+            if not keep:
+                del flat
+                continue
+            size = numel * flat.element_size()
+            stats.buckets += 1
+            stats.peak_bucket_bytes = max(stats.peak_bucket_bytes, size)
+            stats.tensors += len(bucket)
+            stats.bytes += size
+            views = collections.deque((s.name, flat[s.offset:s.offset + s.numel].view(s.shape)) for s in bucket)
+            name, last = views.pop()
+            last = last.clone()  # what the engine holds while the next bucket fills: this tensor, not the bucket
+            del flat  # the views keep the buffer alive until the engine has dropped the last of them
+            while views:
+                yield views.popleft()
+            yield name, last
+            del last
 
 
 def bucketed(named: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype, bucket_bytes: int,
              stats: SyncStats) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of ``named`` cast to ``dtype``, filled into buckets of at most ``bucket_bytes`` and released
-    one by one as the consumer takes them; ``stats`` records bytes, buckets and the largest bucket."""
+    one by one as the consumer takes them; ``stats`` records bytes, buckets and the largest bucket. The same
+    packing as ``bucket_plan``, for a stream whose shapes are not known in advance (no collectives)."""
     bucket: collections.deque = collections.deque()
     size = 0
 
@@ -124,19 +204,20 @@ def sync_weights(model: torch.nn.Module, hf_config, engine=None, dtype: torch.dt
     """Push this policy's weights into ``engine`` (on ranks that hold one); collective over TP and PP.
 
     ``model`` is the unwrapped ``Qwen2_5_VLModel`` of this rank; ``dtype`` is the engine's weight dtype.
-    Returns the sync's ``SyncStats`` (the time is also logged; bytes and buckets count on engine ranks only).
+    Returns the sync's ``SyncStats`` (the time is also logged; tensors, bytes and buckets count on engine ranks
+    only, collectives on every rank).
     """
     dims = mapping.Dims.from_hf_config(hf_config)
     check_bucket_bytes(dims, dtype, bucket_bytes)
     stats = SyncStats()
     start = time.perf_counter()
     with torch.no_grad():
-        stream = gathered_hf_tensors(model, dims)
+        stream = gathered_hf_tensors(model, dims, dtype, bucket_bytes, stats, keep=engine is not None)
         if engine is not None:
-            stream = bucketed(stream, dtype, bucket_bytes, stats)
             engine.update_weights(stream)
         collections.deque(stream, maxlen=0)  # whatever is left: every rank runs every collective
     stats.seconds = time.perf_counter() - start
-    log.info("weight sync: %d tensors, %.1f MB in %d buckets (largest %.1f MB) in %.3f s", stats.tensors,
-             stats.bytes / 2 ** 20, stats.buckets, stats.peak_bucket_bytes / 2 ** 20, stats.seconds)
+    log.debug("weight sync: %d tensors, %.1f MB in %d buckets (largest %.1f MB), %d collectives, in %.3f s",
+             stats.tensors, stats.bytes / 2 ** 20, stats.buckets, stats.peak_bucket_bytes / 2 ** 20,
+             stats.collectives, stats.seconds)
     return stats

@@ -127,7 +127,7 @@ def sync_case(rank, world, tie, bucket_bytes):
     return out
 
 
-def pp_sync_case(rank, world, tie):
+def pp_sync_case(rank, world, tie, bucket_bytes=300 * 1024):
     """TP=1 x PP=2: sync into an engine holding other weights; rank 0 returns the largest difference between
     the engine's weights and the policy's (the last stage's layers and norm arrive by PP broadcast)."""
     from megatron_tr1.distributed import init_parallel
@@ -140,7 +140,7 @@ def pp_sync_case(rank, world, tie):
     hf = tiny_hf_model(0, tie_word_embeddings=tie)
     model = tiny_mcore_model(hf)
     engine = HFEngine(hf.config, build_tiny_tokenizer()) if rank == 0 else None
-    stats = sync_weights(model, hf.config, engine, dtype=torch.float32, bucket_bytes=300 * 1024)
+    stats = sync_weights(model, hf.config, engine, dtype=torch.float32, bucket_bytes=bucket_bytes)
     if engine is None:
         return None
     ours, ref = engine.model.state_dict(), hf.state_dict()

@@ -42,8 +42,15 @@ def _common(tp: int, params_dtype: torch.dtype, cpu_init: bool, sequence_paralle
 
 
 def language_config(hf_config, tp: int = 1, pp: int = 1, params_dtype: torch.dtype = torch.float32,
-                    cpu_init: bool = False, sequence_parallel: bool = False) -> TransformerConfig:
-    """The decoder config: GQA, QKV bias only, RMSNorm, SwiGLU, M-RoPE sections from the HF config."""
+                    cpu_init: bool = False, sequence_parallel: bool = False, recompute: str = "none"
+                    ) -> TransformerConfig:
+    """The decoder config: GQA, QKV bias only, RMSNorm, SwiGLU, M-RoPE sections from the HF config.
+    ``recompute``: "none", "selective" (core attention) or "full" (every layer, one per checkpoint)."""
+    if recompute not in ("none", "selective", "full"):
+        raise ConfigError(f"model.recompute={recompute!r} must be one of none, selective, full")
+    remat = {} if recompute == "none" else {"recompute_granularity": recompute}
+    if recompute == "full":
+        remat.update(recompute_method="uniform", recompute_num_layers=1)
     validate_layout(hf_config, tp, pp)
     text = hf_config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -52,7 +59,7 @@ def language_config(hf_config, tp: int = 1, pp: int = 1, params_dtype: torch.dty
         num_attention_heads=text.num_attention_heads, num_query_groups=text.num_key_value_heads,
         kv_channels=head_dim, ffn_hidden_size=text.intermediate_size, layernorm_epsilon=text.rms_norm_eps,
         add_bias_linear=False, add_qkv_bias=True, mrope_section=list(text.rope_parameters["mrope_section"]),
-        pipeline_model_parallel_size=pp, **_common(tp, params_dtype, cpu_init, sequence_parallel))
+        pipeline_model_parallel_size=pp, **remat, **_common(tp, params_dtype, cpu_init, sequence_parallel))
 
 
 def vision_config(hf_config, tp: int = 1, params_dtype: torch.dtype = torch.float32, cpu_init: bool = False,

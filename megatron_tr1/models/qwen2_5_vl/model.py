@@ -25,10 +25,10 @@ class Qwen2_5_VLModel(MegatronModule):
     """Qwen2.5-VL for this rank's (TP, PP) position; parallel state must be initialised first."""
 
     def __init__(self, hf_config, layer_spec: str = "local", params_dtype: torch.dtype = torch.float32,
-                 cpu_init: bool = False, sequence_parallel: bool = False):
+                 cpu_init: bool = False, sequence_parallel: bool = False, recompute: str = "none"):
         tp = parallel_state.get_tensor_model_parallel_world_size()
         pp = parallel_state.get_pipeline_model_parallel_world_size()
-        config = language_config(hf_config, tp, pp, params_dtype, cpu_init, sequence_parallel)
+        config = language_config(hf_config, tp, pp, params_dtype, cpu_init, sequence_parallel, recompute)
         super().__init__(config)
         if sequence_parallel:
             raise ConfigError("model.sequence_parallel=True is not supported yet: the visual embeddings are "

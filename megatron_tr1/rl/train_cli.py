@@ -1,0 +1,186 @@
+"""``tr1 train``: load the config, prepare data and the starting model, run the stages, report the results.
+
+``tr1 train`` with no ``--config`` runs the embedded CPU demo (``examples/synthetic_tiny.yaml`` = the defaults of
+``rl.config.TrainConfig``): synthetic data and a tiny model folder are written under the run folder first.
+Multi-process: ``torchrun --nproc-per-node N -m megatron_tr1.cli train --config FILE``; alone, ``tr1 train``
+runs as a single process (world size 1). On completion ``RUN_DIR/results.json`` holds, per trained stage, the
+in-domain test metrics (``mIoU``, ``R@0.3/0.5/0.7`` in percent, ``n``), and the same under ``"ood"``;
+``RUN_DIR/DONE`` marks a finished run. SIGUSR1 / SIGTERM save a checkpoint and exit 0 without ``DONE``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_tr1.errors import ConfigError
+from megatron_tr1.rl.config import STAGES, TrainConfig, check_layout, load_train_config
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="train config YAML (default: the embedded CPU demo)")
+    parser.add_argument("--run-dir", help="output folder (overrides run_dir)")
+    parser.add_argument("--resume", help="'auto': continue from the newest complete checkpoint (or start fresh); "
+                                         "or a checkpoint folder RUN/checkpoints/<stage>/step_N")
+    parser.add_argument("--stages", help=f"comma-separated stages to run, of {','.join(STAGES)} (default: the "
+                                         f"config's enabled ones)")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
+
+
+def _single_process_env() -> None:
+    """Launcher variables for a plain ``tr1 train`` (no torchrun): one rank on this machine."""
+    if "RANK" in os.environ:
+        return
+    from megatron_tr1.testing.multiproc import free_port
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def build_config(args) -> TrainConfig:
+    overrides = list(args.overrides or [])
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    cfg = load_train_config(args.config, overrides)
+    if args.stages:
+        wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+        unknown = [s for s in wanted if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"--stages {args.stages}: unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+        for stage in STAGES:
+            getattr(cfg.stages, stage).enabled = stage in wanted
+    if not any(getattr(cfg.stages, s).enabled for s in STAGES):
+        raise ConfigError("no stage is enabled; enable one in stages.* or pass --stages")
+    return cfg
+
+
+def prepare_data(cfg: TrainConfig, run_dir: Path) -> dict[str, list]:
+    """The train / test / ood samples: ``data.*`` configs, or synthetic data written to ``RUN_DIR/data``."""
+    from megatron_tr1.data import synthetic
+    from megatron_tr1.data.dataset import load_data_config, load_samples
+
+    paths = {"train": cfg.data.train, "test": cfg.data.test, "ood": cfg.data.ood}
+    if cfg.data.train is None:
+        folder, s = run_dir / "data", cfg.data.synthetic
+        if _rank0() and not (folder / "meta.json").is_file():
+            synthetic.generate(folder, s.num, seed=s.seed, size=s.size, num_test=s.num_test, num_ood=s.num_ood,
+                               progress=cfg.logging.progress)
+        _barrier()
+        paths = {split: str(folder / f"{split}.yaml") if n else None
+                 for split, n in (("train", s.num), ("test", s.num_test), ("ood", s.num_ood))}
+    samples = {}
+    for split, path in paths.items():
+        if path is not None:
+            annotations = load_samples(load_data_config(path), seed=cfg.seed, strict=cfg.data.strict)
+            samples[split] = annotations.samples
+            if _rank0():
+                log.info("data.%s: %s", split, annotations.summary())
+    return samples
+
+
+def prepare_model(cfg: TrainConfig, run_dir: Path) -> Path:
+    """``model.hf_dir``, or the demo's tiny random model written to ``RUN_DIR/model_init``."""
+    if cfg.model.hf_dir is not None:
+        return Path(cfg.model.hf_dir)
+    from megatron_tr1.rl.policy import write_demo_model_dir
+
+    folder = run_dir / "model_init"
+    if _rank0():
+        write_demo_model_dir(cfg.model.tiny, folder, seed=cfg.seed)
+    _barrier()
+    return folder
+
+
+def collect_results(run_dir: Path) -> dict:
+    """``{stage: test metrics, ..., "ood": {stage: ood metrics}}`` from the finished stages."""
+    results: dict = {}
+    for stage in STAGES:
+        path = run_dir / "stages" / stage / "results.json"
+        if path.is_file():
+            stage_results = json.loads(path.read_text())
+            if "test" in stage_results:
+                results[stage] = stage_results["test"]
+            if "ood" in stage_results:
+                results.setdefault("ood", {})[stage] = stage_results["ood"]
+    return results
+
+
+def print_results(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="mIoU / R@0.3 / R@0.5 / R@0.7 (%), greedy")
+    for col in ("model", "in domain (test)", "out of domain (ood)"):
+        table.add_column(col)
+
+    def cell(m):
+        return "-" if m is None else f"{m['mIoU']:.1f} / {m['R@0.3']:.1f} / {m['R@0.5']:.1f} / {m['R@0.7']:.1f}"
+    for stage in STAGES:
+        if stage in results or stage in results.get("ood", {}):
+            table.add_row(stage, cell(results.get(stage)), cell(results.get("ood", {}).get(stage)))
+    Console().print(table)
+
+
+def finish_run(cfg: TrainConfig, run_dir: Path) -> dict:
+    """``results.json``, the comparison table, plots of every GRPO stage together, ``DONE``."""
+    from megatron_tr1.rl.logger import read_metrics
+    from megatron_tr1.rl.plots import plot_training
+
+    results = collect_results(run_dir)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print_results(results)
+    if cfg.logging.plots:
+        runs = {s: read_metrics(run_dir / "stages" / s / "metrics.jsonl") for s in STAGES if s.startswith("grpo")}
+        plot_training({s: r for s, r in runs.items() if r}, run_dir / "plots")
+    (run_dir / "DONE").write_text("done\n")
+    return results
+
+
+def train(cfg: TrainConfig, resume: str | None = None, callbacks=()) -> str:
+    """Run ``cfg``'s stages (``"done"`` or ``"interrupted"``); ``callbacks(stage, step, metrics)`` run after each
+    step. Initialises the process groups (a single process when no launcher set ``RANK``)."""
+    from megatron_tr1.distributed import init_parallel
+    from megatron_tr1.rl.trainer import Trainer
+
+    _single_process_env()
+    init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, seed=cfg.seed)
+    check_layout(cfg, dist.get_world_size())
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    samples = prepare_data(cfg, run_dir)
+    hf_dir = prepare_model(cfg, run_dir)
+    status = Trainer(cfg, run_dir, hf_dir, samples, resume=resume or cfg.checkpoint.resume,
+                     callbacks=callbacks).run()
+    if status == "done" and _rank0():
+        finish_run(cfg, run_dir)
+    _barrier()
+    return status
+
+
+def main(args) -> int:
+    cfg = build_config(args)
+    if not log.isEnabledFor(logging.DEBUG):  # megatron-core logs every parameter of every DDP bucket at INFO
+        logging.getLogger("megatron").setLevel(logging.WARNING)
+    status = train(cfg, args.resume)
+    if _rank0():
+        if status == "interrupted":
+            print(f"interrupted: checkpoint saved; continue with `tr1 train ... --run-dir {cfg.run_dir} "
+                  f"--resume auto`")
+        else:
+            print(f"results: {Path(cfg.run_dir) / 'results.json'}")
+    return 0

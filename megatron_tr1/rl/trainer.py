@@ -1,0 +1,434 @@
+"""``tr1 train``: the stages of a run, each a loop of SFT or GRPO steps with checkpoints, logging and evaluation.
+
+A run (``RUN_DIR``) executes the enabled stages of ``cfg.stages`` in order ``base, sft, grpo, grpo_no_think``:
+
+- ``base``: pretraining on related video-text work without the grounding labels - the train videos with
+  answers in the task's format whose spans are drawn at random inside the video (``random_span``), half of
+  them with the think template. It teaches the format, not where events are.
+- ``sft``: cross-entropy on the ground-truth answers (``rl.sft``); ``grpo`` / ``grpo_no_think``: ``rl.grpo``.
+  Each starts from the base stage's final weights when ``base`` ran, else from ``model.hf_dir``.
+
+Per stage: ``RUN_DIR/stages/<stage>/`` holds ``metrics.jsonl``, ``tensorboard/``, ``model/`` (final weights,
+tr1 Megatron layout: ``tr1 convert mcore-to-hf`` or ``tr1 eval --model`` read it), ``eval/<split>/`` and ``DONE``.
+Checkpoints: ``checkpoint.dir/<stage>/step_N`` (``rl.checkpoint``: atomic), with the model shards, each
+model-parallel rank's optimizer state (megatron's DP-zero layout) and RNG, and the trainer state (step, data
+position, NaN guard, metrics). SIGUSR1 / SIGTERM: the current step finishes, a checkpoint is saved, and the
+run returns ``"interrupted"`` (``RUN_DIR/DONE`` is written only when every stage is done).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_tr1.config import save_config
+from megatron_tr1.data.annotations import Sample
+from megatron_tr1.errors import CheckpointError, ConfigError
+from megatron_tr1.rl import policy as policy_io
+from megatron_tr1.rl.checkpoint import CheckpointManager, TrainState, capture_rng, restore_rng
+from megatron_tr1.rl.config import STAGES, TrainConfig
+from megatron_tr1.rl.guards import NanGuard
+from megatron_tr1.rl.logger import MetricsLogger, ProgressBar
+from megatron_tr1.rl.prompts import GroundingPrompt
+from megatron_tr1.rl.sampler import PromptSampler, shard
+from megatron_tr1.rl.update import unwrap
+
+log = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+DONE = "DONE"
+
+
+def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int, schedule: str) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up over ``warmup`` steps, then
+    ``constant``, ``linear`` or ``cosine`` decay to ``min_lr`` at ``total``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return lr
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return min_lr + (lr - min_lr) * (1 - frac)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def random_span(sample: Sample, seed: int) -> tuple[float, float]:
+    """A span drawn uniformly inside ``sample``'s video (ends sorted, at least 0.5 s): the base stage's answer."""
+    rng = random.Random(seed)
+    a, b = sorted(rng.uniform(0, sample.duration) for _ in range(2))
+    if b - a < 0.5:
+        a, b = max(0.0, min(a, sample.duration - 0.5)), min(sample.duration, max(b, a + 0.5))
+    return round(a, 2), round(b, 2)
+
+
+class StopFlag:
+    """Set by SIGUSR1 / SIGTERM; ``requested()`` agrees across ranks (one all-reduce)."""
+
+    def __init__(self):
+        self.flag = False
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("received %s: finishing this step, then saving a checkpoint", signal.Signals(signum).name)
+        self.flag = True
+
+    def requested(self) -> bool:
+        value = torch.tensor(float(self.flag))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value)
+
+
+def _optimizers(optimizer) -> list:
+    """The megatron optimizers inside ``optimizer`` (a ``ChainedOptimizer`` holds one per dtype / group)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _inner(optimizer):
+    """The torch optimizer doing the update (megatron wraps one; its state is this rank's shard)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _main_params(optimizer) -> list[torch.Tensor]:
+    """The parameters the torch optimizer updates on this rank (fp32 main shards with the distributed optimizer)."""
+    return [p for group in _inner(optimizer).param_groups for p in group["params"]]
+
+
+def _layout() -> list[int]:
+    return [ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+            ps.get_data_parallel_world_size()]
+
+
+def _optim_file() -> str:
+    """This rank's optimizer-state file in a checkpoint (its shard of the distributed optimizer)."""
+    return (f"optim_tp{ps.get_tensor_model_parallel_rank():02d}_pp{ps.get_pipeline_model_parallel_rank():03d}_"
+            f"dp{ps.get_data_parallel_rank():03d}.pt")
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+class Trainer:
+    """Runs the stages of ``cfg`` in ``run_dir`` given the data (``samples``: split -> list of ``Sample``) and
+    the starting HF folder ``hf_dir``. Call after ``distributed.init_parallel``."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, hf_dir: Path, samples: dict[str, list[Sample]],
+                 resume: str | None = None, callbacks=()):
+        from megatron_tr1.rollout.engine import make_engine
+
+        self.cfg, self.run_dir, self.hf_dir, self.samples = cfg, Path(run_dir), Path(hf_dir), samples
+        self.resume, self.callbacks = resume, list(callbacks)
+        self.hf_config, self.tokenizer = policy_io.load_hf_config_and_tokenizer(hf_dir)
+        self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        self.dp = ps.get_data_parallel_world_size()
+        self.stop = StopFlag()
+        self.engine = None
+        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0:
+            on_gpu = torch.cuda.is_available()
+            kwargs = {"dtype": torch.bfloat16 if on_gpu else torch.float32}
+            if cfg.rollout.engine == "vllm":
+                kwargs.update(model_dir=str(hf_dir), gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                              seed=cfg.seed, max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_tokens)
+            elif on_gpu:
+                kwargs["device"] = "cuda"
+            self.engine = make_engine(cfg.rollout.engine, self.hf_config, self.tokenizer, **kwargs)
+        self._prompts: dict[tuple[str, bool], list[GroundingPrompt | None]] = {}
+
+    # ---------------------------------------------------------------- data
+    def prompts(self, split: str, indices: list[int], think: bool) -> list[GroundingPrompt]:
+        """Grounding prompts of ``split``'s samples ``indices`` (frames decoded once per sample and mode)."""
+        from megatron_tr1.rl.prompts import grounding_prompt
+
+        cache = self._prompts.setdefault((split, think), [None] * len(self.samples[split]))
+        for i in indices:
+            if cache[i] is None:
+                cache[i] = grounding_prompt(self.samples[split][i], self.cfg, self.tokenizer, self.hf_config, think)
+        return [cache[i] for i in indices]
+
+    def base_items(self, indices: list[int], step: int, think: bool) -> list[GroundingPrompt]:
+        """Base-stage items: train videos whose answer is a random span (``random_span``), not the label."""
+        items = self.prompts("train", indices, think)
+        return [dataclasses.replace(item, gt=random_span(self.samples["train"][i],
+                                                         self.cfg.seed * 1_000_003 + step * 4099 + k))
+                for k, (i, item) in enumerate(zip(indices, items))]
+
+    # ---------------------------------------------------------------- stages
+    def stage_think(self, stage: str) -> bool:
+        if stage == "grpo_no_think":
+            return False
+        think = getattr(self.cfg.stages, stage).think
+        return self.cfg.algorithm.think if think is None else think
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / "stages" / stage
+
+    def run(self) -> str:
+        """Run every enabled stage not yet done; returns ``"done"`` or ``"interrupted"``."""
+        self.stop.install()
+        try:
+            for stage in STAGES:
+                if not getattr(self.cfg.stages, stage).enabled:
+                    continue
+                if (self.stage_dir(stage) / DONE).is_file():
+                    log.info("stage %s: already done (%s), skipping", stage, self.stage_dir(stage) / DONE)
+                    continue
+                if self.run_stage(stage) == "interrupted":
+                    return "interrupted"
+            return "done"
+        finally:
+            self.stop.uninstall()
+
+    def init_source(self, stage: str) -> Path:
+        base = self.stage_dir("base") / "model"
+        if stage != "base" and self.cfg.stages.base.enabled:
+            if not (self.stage_dir("base") / DONE).is_file():
+                raise CheckpointError(f"stage {stage} starts from the base stage, which has not finished "
+                                      f"({self.stage_dir('base')})")
+            return base
+        return self.hf_dir
+
+    def run_stage(self, stage: str) -> str:
+        from megatron_tr1.distributed import wrap_ddp_and_optimizer
+        from megatron_tr1.rollout.weight_sync import sync_weights
+
+        cfg, sc = self.cfg, getattr(self.cfg.stages, stage)
+        grpo = stage.startswith("grpo")
+        think = self.stage_think(stage)
+        if ps.get_pipeline_model_parallel_world_size() > 1 or (grpo and ps.get_tensor_model_parallel_world_size() > 1):
+            raise ConfigError(
+                f"stage {stage}: the trainer runs {'GRPO at TP=1, PP=1' if grpo else 'SFT at PP=1'} (x any DP) so "
+                f"far; model.tensor_parallel={cfg.model.tensor_parallel}, model.pipeline_parallel="
+                f"{cfg.model.pipeline_parallel}. The model, conversion and weight sync support TP x PP; the step "
+                f"functions do not yet share rollouts across TP ranks or log-probs across PP stages")
+        out = self.stage_dir(stage)
+        per_step = cfg.rollout.prompts_per_step if grpo else cfg.stage_batch(stage)
+        total = sc.total_steps(len(self.samples["train"]), per_step)
+        lr = sc.lr or cfg.optim.lr
+        model = policy_io.build_policy(self.hf_config, cfg.model)
+        policy_io.load_weights(model, self.init_source(stage))
+        (policy,), optimizer = wrap_ddp_and_optimizer(
+            [model], lr, cfg.optim.weight_decay, cfg.optim.grad_clip, adam_beta1=cfg.optim.betas[0],
+            adam_beta2=cfg.optim.betas[1], adam_eps=cfg.optim.eps)
+        ref = None
+        if grpo and cfg.algorithm.kl_coef > 0:
+            ref = policy_io.build_policy(self.hf_config, cfg.model)
+            policy_io.load_weights(ref, self.init_source(stage))
+            ref.eval().requires_grad_(False)
+        manager = CheckpointManager(self.ckpt_root / stage, cfg.checkpoint.keep_last)
+        state, guard = TrainState(), NanGuard(cfg.logging.max_nan_steps)
+        resume_from = self.resume_path(stage, manager)
+        if resume_from is not None:
+            state = self.load_checkpoint(resume_from, model, optimizer)
+            guard.load_state_dict(state.extra.get("nan_guard", guard.state_dict()))
+            log.info("stage %s: resumed from %s at step %d", stage, resume_from, state.step)
+        elif manager.complete():
+            raise CheckpointError(f"{manager.root} already has checkpoints ({manager.latest().name}); pass "
+                                  f"--resume auto to continue that run, or choose another --run-dir")
+        sampler = PromptSampler(len(self.samples["train"]), cfg.seed, cfg.data.shuffle, state.epoch, state.index)
+        if grpo:
+            sync_weights(unwrap(policy), self.hf_config, self.engine, dtype=self._engine_dtype())
+        logger = MetricsLogger(out, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
+                               wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
+                               resume_step=state.step if resume_from is not None else None) if _rank0() else None
+        if _rank0():
+            save_config(cfg, out / "config.yaml")
+        bar = ProgressBar(total, f"{stage}", initial=state.step, enabled=cfg.logging.progress and _rank0())
+        status = "done"
+        try:
+            while state.step < total:
+                step_lr = lr_at(state.step, total, lr, cfg.optim.min_lr * lr / cfg.optim.lr,
+                                cfg.optim.warmup_steps, cfg.optim.schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = step_lr * group.get("lr_mult", 1.0)
+                start = time.perf_counter()
+                if grpo:
+                    metrics = self.grpo_step(policy, optimizer, ref, sampler, state.step, think)
+                else:
+                    metrics = self.sft_step(policy, optimizer, sampler, stage, state.step, think)
+                metrics |= {"lr": step_lr, "time/total": time.perf_counter() - start}
+                applied = guard.check(metrics.get("loss", 0.0) if math.isfinite(metrics.get("grad_norm", 0.0))
+                                      else float("nan"), state.step)
+                metrics["skipped"] = int(not applied)
+                state.step += 1
+                state.epoch, state.index = sampler.position
+                if logger is not None:
+                    state.metrics.append(logger.log(state.step, metrics))
+                bar.update(metrics)
+                for callback in self.callbacks:
+                    callback(stage, state.step, metrics)
+                stop = self.stop.requested()
+                every = cfg.checkpoint.every
+                if stop or (every and state.step % every == 0 and state.step < total):
+                    state.extra["nan_guard"] = guard.state_dict()
+                    self.save_checkpoint(manager, state, model, optimizer)
+                if stop:
+                    status = "interrupted"
+                    log.warning("stage %s: stopped at step %d; resume with --resume auto", stage, state.step)
+                    return status
+            state.extra["nan_guard"] = guard.state_dict()
+            self.save_checkpoint(manager, state, model, optimizer)
+            self.finish_stage(stage, model, state, think)
+            return status
+        finally:
+            bar.close()
+            if logger is not None:
+                logger.close()
+
+    def _engine_dtype(self) -> torch.dtype:
+        return self.engine.dtype if self.engine is not None else torch.float32
+
+    # ---------------------------------------------------------------- steps
+    def sft_step(self, policy, optimizer, sampler: PromptSampler, stage: str, step: int, think: bool) -> dict:
+        from megatron_tr1.rl.sft import sft_step
+
+        indices = shard(sampler.take(self.cfg.stage_batch(stage)), ps.get_data_parallel_rank(), self.dp)
+        if stage == "base":  # both prompt modes, alternating by step (one mode per step: one sft_step call)
+            think = step % 2 == 0
+            items = self.base_items(indices, step, think)
+        else:
+            items = self.prompts("train", indices, think)
+        return sft_step(policy, optimizer, items, self.cfg, self.tokenizer, self.hf_config, think=think)
+
+    def grpo_step(self, policy, optimizer, ref, sampler: PromptSampler, step: int, think: bool) -> dict:
+        from megatron_tr1.rl.grpo import grpo_step
+
+        rank, dp = ps.get_data_parallel_rank(), self.dp
+
+        def draw(k: int) -> list[GroundingPrompt]:
+            return self.prompts("train", shard(sampler.take(k * dp), rank, dp), think)
+
+        items = draw(self.cfg.rollout.prompts_per_step // dp)
+        return grpo_step(policy, optimizer, self.engine, ref, items, self.cfg, self.tokenizer, self.hf_config,
+                         step=step, think=think, refill=draw)
+
+    # ---------------------------------------------------------------- checkpoints
+    def resume_path(self, stage: str, manager: CheckpointManager) -> Path | None:
+        if self.resume is None:
+            return None
+        if self.resume in ("auto", "latest"):
+            return manager.latest()
+        path = Path(self.resume)
+        if path.parent.name != stage:
+            return None  # a path names one stage's checkpoint; other stages start fresh
+        return manager.resolve(str(path))
+
+    def save_checkpoint(self, manager: CheckpointManager, state: TrainState, model, optimizer) -> Path:
+        """Every rank writes its model shard and optimizer state into the staging folder; rank 0 commits."""
+        tag = torch.tensor([int(time.time() * 1000) % 2 ** 31])
+        if dist.is_initialized():
+            dist.broadcast(tag, 0)
+        staging = manager.root / f"step_{state.step:06d}.tmp-{int(tag)}"
+        if _rank0():
+            staging = manager.staging_dir(state.step, str(int(tag)))
+        _barrier()
+        policy_io.save_weights(model, staging / "model", self.hf_dir)
+        torch.save({"optimizers": [_inner(o).state_dict() for o in _optimizers(optimizer)],
+                    "main_params": [[p.detach().cpu().clone() for p in _main_params(o)] for o in _optimizers(optimizer)],
+                    "rng": capture_rng(), "layout": _layout()}, staging / _optim_file())
+        _barrier()
+        if _rank0():
+            state.rng = capture_rng()
+            manager.commit(staging, state)
+        _barrier()
+        return manager.step_dir(state.step)
+
+    def load_checkpoint(self, path: Path, model, optimizer) -> TrainState:
+        """Model shards (resharded by ``convert`` if saved at another TP x PP), optimizer state, RNG, state."""
+        state = CheckpointManager(path.parent).load(path)
+        policy_io.load_weights(model, path / "model")
+        blob_path = path / _optim_file()
+        saved = json.loads((path / "model" / "tr1_mcore.json").read_text())
+        saved_layout = [saved["tp"], saved["pp"], len(list(path.glob("optim_*.pt"))) // (saved["tp"] * saved["pp"])]
+        if saved_layout != _layout():
+            if not self.cfg.checkpoint.reset_optimizer:
+                raise CheckpointError(
+                    f"{path}: saved at TP={saved_layout[0]} x PP={saved_layout[1]} x DP={saved_layout[2]}, this run "
+                    f"is TP={_layout()[0]} x PP={_layout()[1]} x DP={_layout()[2]}. The weights reshard (convert/), "
+                    f"but the Adam moments are stored as each rank's shard of megatron's distributed optimizer, "
+                    f"which does not map onto another layout; resume with the saved layout, or pass "
+                    f"checkpoint.reset_optimizer=true to continue from the resharded weights with fresh moments")
+            log.warning("%s: weights resharded from TP=%d x PP=%d x DP=%d; the optimizer state starts fresh "
+                        "(checkpoint.reset_optimizer=true)", path, *saved_layout)
+        else:
+            blob = torch.load(blob_path, map_location="cpu", weights_only=True)
+            with torch.no_grad():
+                for part, inner, main in zip(_optimizers(optimizer), blob["optimizers"], blob["main_params"],
+                                             strict=True):
+                    for param, value in zip(_main_params(part), main, strict=True):
+                        param.copy_(value)
+                    _inner(part).load_state_dict(inner)
+            restore_rng(blob["rng"])
+        return state
+
+    # ---------------------------------------------------------------- end of stage
+    def finish_stage(self, stage: str, model, state: TrainState, think: bool) -> None:
+        """Final weights to ``stages/<stage>/model``, evaluation, plots, ``DONE``."""
+        from megatron_tr1.rollout.weight_sync import sync_weights
+
+        out = self.stage_dir(stage)
+        sync_weights(model, self.hf_config, self.engine, dtype=self._engine_dtype())  # the engine evaluates
+        tmp = out / "model.tmp"
+        policy_io.save_weights(model, tmp, self.hf_dir)
+        _barrier()
+        if _rank0():
+            import shutil
+            shutil.rmtree(out / "model", ignore_errors=True)
+            tmp.rename(out / "model")
+            results = self.evaluate(stage, think)
+            (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+            if self.cfg.logging.plots:
+                from megatron_tr1.rl.plots import plot_training
+                plot_training({stage: state.metrics}, out / "plots")
+            (out / DONE).write_text(f"step {state.step}\n")
+        _barrier()
+
+    def evaluate(self, stage: str, think: bool) -> dict:
+        """Greedy evaluation of the engine's weights (the stage's final policy) on the test and ood splits."""
+        from megatron_tr1.eval.evaluate import score, summarize, write_outputs
+        from megatron_tr1.eval.model_predictor import EnginePredictor
+
+        results = {}
+        for split in ("test", "ood"):
+            samples = self.samples.get(split) or []
+            if self.cfg.eval.max_samples:
+                samples = samples[: self.cfg.eval.max_samples]
+            if not samples or self.engine is None:
+                continue
+            predictor = self._predictors.get(think) if hasattr(self, "_predictors") else None
+            if predictor is None:
+                self._predictors = getattr(self, "_predictors", {})
+                predictor = self._predictors[think] = EnginePredictor(
+                    self.engine, self.tokenizer, self.hf_config, self.cfg.data.video, think=think,
+                    max_tokens=self.cfg.rollout.max_tokens, name=stage, progress=self.cfg.logging.progress)
+            rows = score(samples, predictor.predict(samples), self.cfg.eval.parser)
+            metrics = summarize(rows)
+            write_outputs(self.stage_dir(stage) / "eval" / split, rows,
+                          {"stage": stage, "think": think, "split": split, "metrics": metrics})
+            results[split] = metrics["all"]
+        return results
+
+
+

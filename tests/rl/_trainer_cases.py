@@ -1,0 +1,97 @@
+"""Per-rank bodies of the trainer tests: tiny end-to-end runs of ``tr1 train`` (``train_cli.train``) on a few
+synthetic videos, stopped with a real SIGUSR1 and resumed."""
+import json
+import os
+import signal
+from pathlib import Path
+
+from megatron_tr1.rl.config import load_train_config
+
+TINY_RUN = [
+    "data.synthetic.num=8", "data.synthetic.num_test=4", "data.synthetic.num_ood=2", "data.synthetic.size=56",
+    "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=1",
+    "model.tiny.vision_hidden_size=32", "model.tiny.vision_heads=2",
+    "rollout.n=4", "rollout.prompts_per_step=2", "rollout.max_tokens=12",
+    "optim.micro_batch_size=4", "optim.global_batch_size=8", "optim.warmup_steps=2",
+    "stages.base.steps=2", "stages.base.global_batch_size=8", "stages.sft.steps=4", "stages.sft.global_batch_size=8",
+    "stages.grpo.steps=2", "stages.grpo_no_think.enabled=false",
+    "logging.progress=false", "logging.tensorboard=false", "logging.plots=false", "checkpoint.keep_last=0",
+]
+
+
+def run_dir_config(run_dir, *extra):
+    return load_train_config(None, TINY_RUN + [f"run_dir={run_dir}", *extra])
+
+
+def metrics(run_dir) -> dict:
+    """Every stage's metrics.jsonl records without the wall-clock entries, and results.json."""
+    out = {}
+    for path in sorted(Path(run_dir, "stages").glob("*/metrics.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        out[path.parent.name] = [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))}
+                                 for r in records]
+    results = Path(run_dir, "results.json")
+    out["results"] = json.loads(results.read_text()) if results.is_file() else None
+    return out
+
+
+def stop_at(stage: str, step: int):
+    """A callback that sends this process SIGUSR1 after ``stage``'s step ``step`` (the trainer's real handler)."""
+    def callback(s, k, _metrics):
+        if (s, k) == (stage, step):
+            os.kill(os.getpid(), signal.SIGUSR1)
+    return callback
+
+
+def resume_case(rank, world, root):
+    from megatron_tr1.rl.train_cli import train
+
+    straight = train(run_dir_config(f"{root}/straight", "checkpoint.every=3"))
+    first = train(run_dir_config(f"{root}/resumed", "checkpoint.every=3"), callbacks=[stop_at("sft", 2)])
+    ckpts = sorted(p.name for p in Path(root, "resumed/checkpoints/sft").iterdir())
+    second = train(run_dir_config(f"{root}/resumed", "checkpoint.every=3"), resume="auto",
+                   callbacks=[stop_at("grpo", 1)])
+    third = train(run_dir_config(f"{root}/resumed", "checkpoint.every=3"), resume="auto")
+    return {"status": [straight, first, second, third], "sft_ckpts_after_stop": ckpts,
+            "straight": metrics(f"{root}/straight"), "resumed": metrics(f"{root}/resumed"),
+            "done": [Path(root, d, "DONE").is_file() for d in ("straight", "resumed")]}
+
+
+def fresh_run_refuses_existing_checkpoints(rank, world, root):
+    from megatron_tr1.errors import CheckpointError
+    from megatron_tr1.rl.train_cli import train
+
+    cfg = run_dir_config(root, "stages.sft.enabled=false", "stages.grpo.enabled=false")
+    train(cfg, callbacks=[stop_at("base", 1)])
+    try:
+        train(cfg)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def nan_case(rank, world, root):
+    """Losses made NaN from the second step: the step is skipped (weights unchanged) and the third NaN in a
+    row stops the run with TrainingDiverged."""
+    import torch
+
+    from megatron_tr1.rl import sft
+    from megatron_tr1.rl.guards import TrainingDiverged
+    from megatron_tr1.rl.train_cli import train
+
+    original = sft.sft_loss_fn
+    calls = {"n": 0}
+
+    def poisoned(batch, logprobs):
+        calls["n"] += 1
+        loss, stats = original(batch, logprobs)
+        return (loss * float("nan"), stats) if calls["n"] > 2 else (loss, stats)  # 2 micro-batches per step
+    sft.sft_loss_fn = poisoned
+    seen = []
+    try:
+        train(run_dir_config(root, "stages.base.enabled=false", "stages.grpo.enabled=false",
+                             "stages.sft.steps=6", "logging.max_nan_steps=3"),
+              callbacks=[lambda s, k, m: seen.append((k, m["skipped"], m["grad_norm"]))])
+    except TrainingDiverged as e:
+        return {"error": str(e), "seen": [(k, s, g if g == g else None) for k, s, g in seen]}
+    return {"error": None, "seen": seen}

@@ -1,0 +1,62 @@
+"""The training loop: LR schedule, base-stage spans, and tiny end-to-end ``tr1 train`` runs (one gloo rank):
+stopped by SIGUSR1 and resumed twice == uninterrupted; NaN losses skipped then fatal; refusing to overwrite."""
+import math
+
+import pytest
+
+from megatron_tr1.data.annotations import Sample
+from megatron_tr1.rl.trainer import lr_at, random_span
+from megatron_tr1.testing.multiproc import run_ranks
+
+from tests.rl import _trainer_cases as cases
+
+
+def test_lr_schedule_hand_values():
+    assert [lr_at(s, 10, 1.0, 0.0, 2, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_at(2, 10, 1.0, 0.0, 2, "linear") == 1.0 and lr_at(6, 10, 1.0, 0.0, 2, "linear") == 0.5
+    assert math.isclose(lr_at(6, 10, 1.0, 0.2, 2, "cosine"), 0.6)
+    assert math.isclose(lr_at(10, 10, 1.0, 0.2, 2, "cosine"), 0.2)
+
+
+def test_random_span_inside_the_video_and_seeded():
+    sample = Sample(video="v.mp4", query="q", start=1.0, end=2.0, duration=7.5, dataset="d", id="v#0")
+    spans = [random_span(sample, seed) for seed in range(200)]
+    assert all(0 <= a < b <= 7.5 and b - a >= 0.5 - 1e-9 for a, b in spans)
+    assert random_span(sample, 3) == spans[3] and len(set(spans)) > 150
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    return run_ranks(cases.resume_case, 1, str(tmp_path_factory.mktemp("resume")), timeout=600)[0]
+
+
+def test_stopped_and_resumed_run_equals_uninterrupted(resumed):
+    assert resumed["status"] == ["done", "interrupted", "interrupted", "done"]
+    assert resumed["sft_ckpts_after_stop"] == ["step_000002"]  # saved on the signal, not only every 3 steps
+    straight, again = resumed["straight"], resumed["resumed"]
+    assert set(straight) == {"base", "sft", "grpo", "results"}
+    assert [r["step"] for r in again["sft"]] == [1, 2, 3, 4]  # no duplicated or missing records
+    for stage in ("base", "sft", "grpo"):
+        assert again[stage] == straight[stage], stage
+    assert again["results"] == straight["results"]
+    assert resumed["done"] == [True, True]
+
+
+def test_results_json_has_every_stage_and_split(resumed):
+    results = resumed["straight"]["results"]
+    assert set(results) == {"base", "sft", "grpo", "ood"} and set(results["ood"]) == {"base", "sft", "grpo"}
+    for m in [results[s] for s in ("base", "sft", "grpo")] + list(results["ood"].values()):
+        assert set(m) == {"n", "mIoU", "R@0.3", "R@0.5", "R@0.7"} and 0 <= m["mIoU"] <= 100
+    assert results["base"]["n"] == 4 and results["ood"]["base"]["n"] == 2
+
+
+def test_fresh_run_refuses_a_run_dir_with_checkpoints(tmp_path):
+    message = run_ranks(cases.fresh_run_refuses_existing_checkpoints, 1, str(tmp_path), timeout=300)[0]
+    assert message is not None and "--resume auto" in message and "checkpoints" in message
+
+
+def test_nan_losses_skip_the_step_then_stop(tmp_path):
+    out = run_ranks(cases.nan_case, 1, str(tmp_path), timeout=300)[0]
+    assert out["error"] is not None and "3 consecutive steps" in out["error"]
+    assert out["seen"][0][1] == 0 and [s for _, s, _ in out["seen"][1:]] == [1, 1]  # third NaN raises
+    assert all(g is None for _, _, g in out["seen"][1:])

@@ -1,0 +1,228 @@
+"""Benchmark one GRPO step (``rl.grpo.grpo_step``): seconds per phase, tokens/s/GPU and MFU.
+
+The step is built as tests/rl/_step_cases.py::grpo_case builds it: ``distributed.init_parallel``, the tiny random
+Qwen2.5-VL (``testing.tiny_model``) as HF model and Megatron policy + frozen reference, an ``HFEngine`` given the
+policy's weights with ``sync_weights``, megatron DDP + DistributedOptimizer (``wrap_ddp_and_optimizer``),
+synthetic grounding videos (``data.synthetic.generate``) turned into prompts by ``rl.prompts.grounding_prompt``,
+and a length-based reward (a random model's responses all score 0 with the real one, which leaves no spread).
+One warm-up step, then ``--steps`` timed steps; the table shows medians of grpo_step's own ``time/<phase>``
+metrics (rollout, reward, logprob = old + reference log-probs, update, sync) and ``tokens_per_s``.
+
+MFU = model FLOPs / step seconds / peak FLOP/s, with model FLOPs per step (attention score FLOPs left out):
+
+    F = 6 * (N_lm * T + N_vis * P) + 2 * (N_lm * T + N_vis * P) * passes
+    N_lm  = language-model + patch-merger parameters without the input embedding table (a lookup; a tied table
+            still counts once, as the LM head's matmul), applied to every trained token;
+    N_vis = vision-encoder parameters (patch embedding + blocks), applied to every video patch;
+    T = tokens of the step's sequences (prompt incl. visual tokens + response), P = their video patches;
+    passes = forward-only log-prob passes: old policy + reference (1 when kl_coef = 0).
+
+The trained (6x) term counts trainable parameters only; the forward-only terms count all. Rollout FLOPs are not
+counted. ``MFU train`` divides the same FLOPs by the logprob + update seconds only. The peak is ``--peak-tflops``
+(default 989 = H100 SXM dense bf16 on GPU); on CPU there is no meaningful peak and MFU is n/a unless given.
+
+CPU: toy sizes (the tiny model in fp32, 2 prompts x n=4, 16 new tokens). GPU: UNTESTED (no GPU was available
+when this was written); it moves the same tiny model to the GPU.
+
+    python tools/bench_step.py                         # GPU if there is one, else CPU toy sizes
+    python tools/bench_step.py --steps 3 --n 4 --max-tokens 32 --peak-tflops 1.5
+
+Writes ``benchmarks/step_<device>.json`` and ``.md`` and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+SIZES = {"cuda": dict(prompts=8, n=8, max_tokens=64, steps=3, micro_batch=8, peak_tflops=989.0),
+         "cpu": dict(prompts=2, n=4, max_tokens=16, steps=2, micro_batch=4, peak_tflops=None)}
+PHASES = ("rollout", "reward", "logprob", "update", "sync", "step")
+NOTES = {
+    "cuda": "UNTESTED GPU path (tiny model moved to the GPU). ",
+    "cpu": "Toy sizes, CPU: tiny random Qwen2.5-VL (hidden 128, 4 layers, vocab 512, vision depth 3), fp32, HF "
+           "rollout engine; the numbers show the step runs, not production speed. MFU is n/a without "
+           "--peak-tflops (no meaningful CPU peak). ",
+}
+FORMULA = ("MFU = F / seconds / peak, F = 6 * (N_lm * T + N_vis * P) (trainable params) + 2 * (N_lm * T + N_vis * "
+           "P) * passes (all params), N_lm = LM + merger params without the input embedding table, N_vis = vision "
+           "encoder params, T = trained tokens (prompt incl. visual + response), P = video patches, passes = old "
+           "policy + reference log-prob passes; attention score FLOPs and rollout FLOPs not counted. MFU step "
+           "divides by time/step, MFU train by time/logprob + time/update.")
+
+
+def length_reward(response, gt, duration, format_weight=0.5):
+    """A reward with spread for a random model (the real one is 0 for every random response)."""
+    score = len(response) / 100.0
+    return {"overall": score, "format": 0.0, "accuracy": score}
+
+
+def param_counts(model, tied: bool) -> dict[str, int]:
+    """Parameters by role (see the module docstring): lm/vis, all and trainable."""
+    out = dict(lm=0, vis=0, lm_train=0, vis_train=0, embedding=0)
+    for name, p in model.named_parameters():
+        if name.endswith("embedding.word_embeddings.weight"):
+            out["embedding"] += p.numel()
+            if not tied:
+                continue
+        kind = "vis" if name.startswith("vision.") and not name.startswith("vision.merger.") else "lm"
+        out[kind] += p.numel()
+        if p.requires_grad:
+            out[f"{kind}_train"] += p.numel()
+    return out
+
+
+def step_flops(counts: dict, tokens: float, patches: float, passes: int) -> float:
+    train = 6 * (counts["lm_train"] * tokens + counts["vis_train"] * patches)
+    forward = 2 * (counts["lm"] * tokens + counts["vis"] * patches) * passes
+    return train + forward
+
+
+def run(cfg: dict, device: str) -> tuple[list[dict], dict]:
+    from megatron_tr1.data import synthetic
+    from megatron_tr1.data.dataset import load_data_config, load_samples
+    from megatron_tr1.distributed import init_parallel, wrap_ddp_and_optimizer
+    from megatron_tr1.rl.config import DataSection, OptimConfig, RolloutConfig, TrainConfig, VideoBudget
+    from megatron_tr1.rl.grpo import grpo_step
+    from megatron_tr1.rl.prompts import grounding_prompt
+    from megatron_tr1.rollout.hf_engine import HFEngine
+    from megatron_tr1.rollout.weight_sync import sync_weights
+    from megatron_tr1.testing.tiny_model import tiny_hf_model, tiny_mcore_model
+    from megatron_tr1.testing.tiny_tokenizer import build_tiny_tokenizer
+
+    batch = cfg["prompts"] * cfg["n"]
+    train = TrainConfig(
+        rollout=RolloutConfig(n=cfg["n"], prompts_per_step=cfg["prompts"], max_tokens=cfg["max_tokens"],
+                              temperature=1.0),
+        optim=OptimConfig(lr=1e-3, weight_decay=0.0, micro_batch_size=min(cfg["micro_batch"], batch),
+                          global_batch_size=batch),
+        data=DataSection(video=VideoBudget(max_frames=4)))
+    train.algorithm.dynamic_sampling = False
+
+    init_parallel(1, 1)
+    hf = tiny_hf_model(0)
+    tokenizer = build_tiny_tokenizer()
+    with tempfile.TemporaryDirectory(prefix="bench_step_") as folder:
+        synthetic.generate(folder, cfg["prompts"], num_test=0, num_ood=0, size=56, progress=False)
+        samples = load_samples(load_data_config(f"{folder}/train.yaml")).samples
+        items = [grounding_prompt(s, train, tokenizer, hf.config) for s in samples]
+    model, ref = tiny_mcore_model(hf).train(), tiny_mcore_model(hf)
+    if device == "cuda":  # UNTESTED
+        model, ref = model.cuda(), ref.cuda()
+    engine = HFEngine(hf.config, tokenizer, device=device)
+    sync_weights(model, hf.config, engine, dtype=engine.dtype)
+    (policy,), optimizer = wrap_ddp_and_optimizer([model], train.optim.lr, 0.0, train.optim.grad_clip)
+    counts = param_counts(model, hf.config.tie_word_embeddings)
+    patches_per_seq = [int(i.prompt.video.video_grid_thw.prod()) for i in items]
+    patches = sum(patches_per_seq) * cfg["n"]
+    passes = 2 if train.algorithm.kl_coef > 0 else 1
+
+    steps = []
+    for step in range(cfg["steps"] + 1):  # step 0: warm-up
+        metrics = grpo_step(policy, optimizer, engine, ref, items, train, tokenizer, hf.config, step=step,
+                            reward_fn=length_reward)
+        tokens = metrics["tokens_per_s"] * metrics["time/step"]
+        flops = step_flops(counts, tokens, patches, passes)
+        row = {p: metrics[f"time/{p}"] for p in PHASES} | dict(
+            index=step, warmup=step == 0, tokens=round(tokens), tokens_per_s=metrics["tokens_per_s"],
+            flops=flops, reward_std=metrics.get("reward/std"), loss=metrics.get("loss"))
+        steps.append(row)
+        print(f"step {step}: {metrics['time/step']:.2f} s, {metrics['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    info = dict(params=counts, patches_per_step=patches, logprob_passes=passes,
+                prompt_tokens=[len(i.prompt.input_ids) for i in items], world_size=1)
+    return steps, info
+
+
+def summarize(steps: list[dict], peak_tflops: float | None, gpus: int) -> dict:
+    timed = [s for s in steps if not s["warmup"]]
+    med = {p: statistics.median(s[p] for s in timed) for p in PHASES}
+    tokens = statistics.median(s["tokens"] for s in timed)
+    flops = statistics.median(s["flops"] for s in timed)
+    out = dict(seconds=med, tokens=tokens, tokens_per_s_per_gpu=statistics.median(s["tokens_per_s"] for s in timed)
+               / gpus, model_tflops=flops / 1e12, achieved_tflops_step=flops / med["step"] / 1e12 / gpus,
+               mfu_step=None, mfu_train=None)
+    if peak_tflops:
+        out["mfu_step"] = flops / med["step"] / gpus / (peak_tflops * 1e12)
+        out["mfu_train"] = flops / (med["logprob"] + med["update"]) / gpus / (peak_tflops * 1e12)
+    return out
+
+
+HEADER = ["prompts x n", "max_tokens", "tokens/step", "rollout s", "reward s", "logprob s", "update s", "sync s",
+          "step s", "tokens/s/GPU", "TFLOP/step", "MFU step", "MFU train"]
+
+
+def table_cells(cfg: dict, s: dict) -> list[str]:
+    sec = s["seconds"]
+    pct = (lambda x: "n/a" if x is None else f"{100 * x:.2g}%")
+    return [f"{cfg['prompts']} x {cfg['n']}", str(cfg["max_tokens"]), f"{s['tokens']:.0f}"] + \
+        [f"{sec[p]:.3f}" for p in PHASES] + [f"{s['tokens_per_s_per_gpu']:.1f}", f"{s['model_tflops']:.3g}",
+                                              pct(s["mfu_step"]), pct(s["mfu_train"])]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--prompts", type=int)
+    parser.add_argument("--n", type=int)
+    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--steps", type=int, help="timed steps after one warm-up")
+    parser.add_argument("--peak-tflops", type=float, help="peak FLOP/s per device in TFLOP/s (default: 989 on GPU, "
+                        "none on CPU)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    cfg = dict(SIZES[args.device])
+    for key in ("prompts", "n", "max_tokens", "steps", "peak_tflops"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if cfg["steps"] < 1 or cfg["n"] < 2 or cfg["prompts"] < 1:
+        parser.error("need --steps >= 1, --n >= 2 (GRPO groups) and --prompts >= 1")
+    if "RANK" not in os.environ:
+        from bench_rollout import launcher_env  # tools/ is on sys.path when run as a script
+        launcher_env()
+    steps, info = run(cfg, args.device)
+    summary = summarize(steps, cfg["peak_tflops"], info["world_size"])
+    if args.device == "cpu":
+        machine = (f"toy sizes, CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared: "
+                   f"load average {os.getloadavg()[0]:.1f})")
+        slug = "cpu"
+    else:
+        machine = torch.cuda.get_device_name()
+        slug = re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-")
+    title = (f"GRPO step: {machine}; tiny Qwen2.5-VL fp32, HF engine, world 1, median of {cfg['steps']} steps after "
+             f"1 warm-up, peak {cfg['peak_tflops'] or 'n/a'} TFLOP/s, torch {torch.__version__} "
+             f"({torch.get_num_threads()} threads)")
+    notes = NOTES[args.device] + FORMULA
+    table = Table(title=title, caption=notes)
+    for h in HEADER:
+        table.add_column(h, justify="right")
+    cells = table_cells(cfg, summary)
+    table.add_row(*cells)
+    Console(width=max(Console().width, 160)).print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"step_{slug}.json").write_text(json.dumps(
+        dict(machine=machine, torch=torch.__version__, config=cfg, notes=notes, info=info, summary=summary,
+             steps=steps), indent=2) + "\n")
+    md = [f"# {title}", "", notes, "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER),
+          "| " + " | ".join(cells) + " |", "",
+          f"Parameters: {info['params']}; video patches per step {info['patches_per_step']}; log-prob passes "
+          f"{info['logprob_passes']}; prompt tokens {info['prompt_tokens']}."]
+    (args.out / f"step_{slug}.md").write_text("\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()
