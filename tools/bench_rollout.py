@@ -26,7 +26,6 @@ Writes ``benchmarks/rollout_<device>[_tp<T>pp<P>].json`` and ``.md`` and prints 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -95,27 +94,6 @@ def launcher_env() -> None:
                           MASTER_PORT=str(_free_port()))
 
 
-class _VLLMDefaultGroup:
-    """vLLM in-process on one trainer rank must not see the trainer's default process group (its
-    ``init_distributed_environment`` would call ``new_group`` over all trainer ranks and block): inside
-    ``active()`` the default group is vLLM's own (the trick of tests/rollout/_sync_cases.py)."""
-
-    def __init__(self):
-        self.vllm_pg = None
-
-    @contextlib.contextmanager
-    def active(self):
-        from torch.distributed import distributed_c10d as c10d
-
-        ours = c10d._world.default_pg
-        c10d._world.default_pg = self.vllm_pg
-        try:
-            yield
-        finally:
-            self.vllm_pg = c10d._world.default_pg
-            c10d._world.default_pg = ours
-
-
 def build_models(cfg: dict, device: str):
     """(hf_config, tokenizer, Megatron policy of this rank, HF model or None)."""
     from megatron_tr1.testing.tiny_tokenizer import build_tiny_tokenizer
@@ -154,7 +132,7 @@ def write_model_dir(config, tokenizer_dir: Path, hf=None) -> str:
     return str(tokenizer_dir)
 
 
-def make_engines(names, cfg, config, tokenizer, hf, device, workdir: Path, groups: _VLLMDefaultGroup) -> dict:
+def make_engines(names, cfg, config, tokenizer, hf, device, workdir: Path) -> dict:
     from megatron_tr1.rollout.engine import make_engine
 
     dtype = getattr(torch, cfg["dtype"])
@@ -166,9 +144,8 @@ def make_engines(names, cfg, config, tokenizer, hf, device, workdir: Path, group
         else:
             model_dir = write_model_dir(config, workdir / "vllm_model", hf)
             extra = {} if hf is not None else dict(load_format="dummy", gpu_memory_utilization=0.35)
-            with groups.active():
-                engines[name] = make_engine("vllm", config, tokenizer, model_dir=model_dir, dtype=dtype,
-                                            max_model_len=cfg["max_model_len"], **extra)
+            engines[name] = make_engine("vllm", config, tokenizer, model_dir=model_dir, dtype=dtype,
+                                        max_model_len=cfg["max_model_len"], **extra)  # own process group
         print(f"{name} engine ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return engines
 
@@ -287,14 +264,14 @@ def main(argv=None) -> None:
     config, tokenizer, model, hf = build_models(cfg, device)
 
     threads = torch.get_num_threads()  # vLLM's CPU worker lowers it to 1 "for serving"; each engine gets this many
-    gen_rows, sync_rows, groups = [], [], _VLLMDefaultGroup()
+    gen_rows, sync_rows = [], []
     with tempfile.TemporaryDirectory(prefix="bench_rollout_") as tmp:
         engines = {}
         if rank == 0:
             for name in names:
                 if name == "vllm" and not vllm_ok:
                     continue
-                engines |= make_engines([name], cfg, config, tokenizer, hf, device, Path(tmp), groups)
+                engines |= make_engines([name], cfg, config, tokenizer, hf, device, Path(tmp))
         bucket_bytes = int(cfg["bucket_mb"] * 2 ** 20)
         for name in names:  # every rank takes part in every sync, in the same order
             row = dict(target=name, tp=args.tp, pp=args.pp, dtype=cfg["dtype"], bucket_bytes=bucket_bytes,
@@ -320,8 +297,7 @@ def main(argv=None) -> None:
                 gen_rows.append(row)
                 print(f"generate {name}: {row['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
             if "vllm" in engines:
-                with groups.active():
-                    engines["vllm"].llm.llm_engine.engine_core.shutdown()
+                engines["vllm"].close()
         dist.barrier()
     if rank != 0:
         return

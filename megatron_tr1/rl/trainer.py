@@ -41,6 +41,7 @@ from megatron_tr1.rl.logger import MetricsLogger, ProgressBar
 from megatron_tr1.rl.prompts import GroundingPrompt
 from megatron_tr1.rl.sampler import PromptSampler, shard
 from megatron_tr1.rl.update import unwrap
+from megatron_tr1.rollout.shared import GroupEngine
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -145,16 +146,20 @@ class Trainer:
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.dp = ps.get_data_parallel_world_size()
         self.stop = StopFlag()
-        self.engine = None
-        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0:
-            on_gpu = torch.cuda.is_available()
-            kwargs = {"dtype": torch.bfloat16 if on_gpu else torch.float32}
+        self.engine = None  # the real engine, on the first rank of each model-parallel group
+        group = ps.get_model_parallel_group() if dist.is_initialized() else None
+        holder = group is None or dist.get_rank() == dist.get_process_group_ranks(group)[0]
+        on_gpu = torch.cuda.is_available()
+        dtype = torch.bfloat16 if on_gpu else torch.float32
+        if holder:
+            kwargs = {"dtype": dtype}
             if cfg.rollout.engine == "vllm":
                 kwargs.update(model_dir=str(hf_dir), gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                               seed=cfg.seed, max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_tokens)
             elif on_gpu:
                 kwargs["device"] = "cuda"
             self.engine = make_engine(cfg.rollout.engine, self.hf_config, self.tokenizer, **kwargs)
+        self.group_engine = GroupEngine(self.engine, group, dtype)  # what every rank of the group samples from
         self._prompts: dict[tuple[str, bool], list[GroundingPrompt | None]] = {}
 
     # ---------------------------------------------------------------- data
@@ -217,12 +222,11 @@ class Trainer:
         cfg, sc = self.cfg, getattr(self.cfg.stages, stage)
         grpo = stage.startswith("grpo")
         think = self.stage_think(stage)
-        if ps.get_pipeline_model_parallel_world_size() > 1 or (grpo and ps.get_tensor_model_parallel_world_size() > 1):
+        if ps.get_pipeline_model_parallel_world_size() > 1:
             raise ConfigError(
-                f"stage {stage}: the trainer runs {'GRPO at TP=1, PP=1' if grpo else 'SFT at PP=1'} (x any DP) so "
-                f"far; model.tensor_parallel={cfg.model.tensor_parallel}, model.pipeline_parallel="
-                f"{cfg.model.pipeline_parallel}. The model, conversion and weight sync support TP x PP; the step "
-                f"functions do not yet share rollouts across TP ranks or log-probs across PP stages")
+                f"stage {stage}: model.pipeline_parallel={cfg.model.pipeline_parallel}: the trainer runs TP x DP so "
+                f"far. The model, conversion and weight sync support PP; the SFT/GRPO steps do not yet move "
+                f"log-probs and losses from the last stage (use tensor_parallel instead; `tr1 plan` lists layouts)")
         out = self.stage_dir(stage)
         per_step = cfg.rollout.prompts_per_step if grpo else cfg.stage_batch(stage)
         total = sc.total_steps(len(self.samples["train"]), per_step)
@@ -298,7 +302,7 @@ class Trainer:
                 logger.close()
 
     def _engine_dtype(self) -> torch.dtype:
-        return self.engine.dtype if self.engine is not None else torch.float32
+        return self.group_engine.dtype  # the same on every rank (the sync's bucket plan depends on it)
 
     # ---------------------------------------------------------------- steps
     def sft_step(self, policy, optimizer, sampler: PromptSampler, stage: str, step: int, think: bool) -> dict:
@@ -321,7 +325,7 @@ class Trainer:
             return self.prompts("train", shard(sampler.take(k * dp), rank, dp), think)
 
         items = draw(self.cfg.rollout.prompts_per_step // dp)
-        return grpo_step(policy, optimizer, self.engine, ref, items, self.cfg, self.tokenizer, self.hf_config,
+        return grpo_step(policy, optimizer, self.group_engine, ref, items, self.cfg, self.tokenizer, self.hf_config,
                          step=step, think=think, refill=draw)
 
     # ---------------------------------------------------------------- checkpoints

@@ -31,8 +31,10 @@ def forward_backward(model, batches: list[dict], loss_fn: Callable, temperature:
     each loss by the number of micro-batches, so ``loss_fn`` returns losses already summing to the total.
     Returns the stats dicts (on the last pipeline stage). The RL forward is called on the unwrapped model (DDP's
     grad hooks still fire; its forward pre-hooks, used only with ``overlap_param_gather``, do not)."""
+    device = next(unwrap(model).parameters()).device
+
     def forward_step(data_iterator, wrapped):
-        batch = next(data_iterator)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(data_iterator).items()}
         out = policy_logprobs(unwrap(wrapped), batch, temperature, return_entropy=entropy)
 
         def loss_func(output):

@@ -15,6 +15,7 @@ ones it recomputes.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import os
 from collections.abc import Iterable, Sequence
@@ -178,12 +179,39 @@ class VLLMEngine(RolloutEngine):
         self.on_gpu = torch.cuda.is_available()
         if not self.on_gpu:
             llm_kwargs.setdefault("enforce_eager", True)
-        self.llm = vllm.LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
-                            limit_mm_per_prompt={"video": 1, "image": 0}, logprobs_mode="processed_logprobs",
-                            worker_extension_cls="megatron_tr1.rollout.vllm_worker.WorkerExtension",
-                            enable_sleep_mode=self.on_gpu, **llm_kwargs)
+        self._vllm_pg = None
+        with self._own_default_group():
+            self.llm = vllm.LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
+                                limit_mm_per_prompt={"video": 1, "image": 0}, logprobs_mode="processed_logprobs",
+                                worker_extension_cls="megatron_tr1.rollout.vllm_worker.WorkerExtension",
+                                enable_sleep_mode=self.on_gpu, **llm_kwargs)
         self.llm.collective_rpc("use_trainer_mrope_positions")
         self._asleep = False
+
+    @contextlib.contextmanager
+    def _own_default_group(self):
+        """vLLM's default process group while it starts or stops, the trainer's otherwise.
+
+        In a trainer process (``torch.distributed`` initialised, world size W), vLLM's
+        ``init_distributed_environment`` would reuse the trainer's default group and build its world group over
+        all W ranks - a ``new_group`` collective the other ranks never join, so this rank would hang. With no
+        default group visible, vLLM creates its own (world size 1, collectives no-ops); its teardown destroys
+        "the" default group, so it gets its own back for that. Measured on CPU in tests/rollout/test_sync_vllm.py.
+        """
+        from torch.distributed import distributed_c10d as c10d
+
+        ours = c10d._world.default_pg
+        c10d._world.default_pg = self._vllm_pg
+        try:
+            yield
+        finally:
+            self._vllm_pg = c10d._world.default_pg
+            c10d._world.default_pg = ours
+
+    def close(self) -> None:
+        """Shut vLLM's engine down (frees its memory and its process group)."""
+        with self._own_default_group():
+            self.llm.llm_engine.engine_core.shutdown()
 
     def generate(self, prompts: Sequence[RolloutPrompt], n: int, sampling: Sampling) -> list[list[Response]]:
         from vllm import SamplingParams

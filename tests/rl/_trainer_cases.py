@@ -54,7 +54,7 @@ def resume_case(rank, world, root):
     third = train(run_dir_config(f"{root}/resumed", "checkpoint.every=3"), resume="auto")
     return {"status": [straight, first, second, third], "sft_ckpts_after_stop": ckpts,
             "straight": metrics(f"{root}/straight"), "resumed": metrics(f"{root}/resumed"),
-            "done": [Path(root, d, "DONE").is_file() for d in ("straight", "resumed")]}
+            "done": [Path(root, d, "DONE").is_file() for d in ("straight", "resumed")], "root": root}
 
 
 def fresh_run_refuses_existing_checkpoints(rank, world, root):
@@ -95,3 +95,24 @@ def nan_case(rank, world, root):
     except TrainingDiverged as e:
         return {"error": str(e), "seen": [(k, s, g if g == g else None) for k, s, g in seen]}
     return {"error": None, "seen": seen}
+
+
+def tp2_case(rank, world, root):
+    """TP=2: SFT then GRPO (rollouts sampled on rank 0, shared with rank 1), stopped in GRPO after one step."""
+    from megatron_tr1.rl.train_cli import train
+
+    cfg = run_dir_config(root, "model.tensor_parallel=2", "stages.base.enabled=false", "stages.sft.steps=2",
+                         "stages.grpo.steps=2")
+    status = train(cfg, callbacks=[stop_at("grpo", 1)])
+    return {"status": status, "metrics": metrics(root)}
+
+
+def tp1_resume_case(rank, world, root, *extra):
+    from megatron_tr1.errors import CheckpointError
+    from megatron_tr1.rl.train_cli import train
+
+    cfg = run_dir_config(root, "stages.base.enabled=false", "stages.sft.steps=2", "stages.grpo.steps=2", *extra)
+    try:
+        return {"status": train(cfg, resume="auto"), "metrics": metrics(root)}
+    except CheckpointError as e:
+        return {"error": str(e)}

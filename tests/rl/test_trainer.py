@@ -60,3 +60,33 @@ def test_nan_losses_skip_the_step_then_stop(tmp_path):
     assert out["error"] is not None and "3 consecutive steps" in out["error"]
     assert out["seen"][0][1] == 0 and [s for _, s, _ in out["seen"][1:]] == [1, 1]  # third NaN raises
     assert all(g is None for _, _, g in out["seen"][1:])
+
+
+def test_tp2_run_then_resume_at_tp1_reshards_or_says_why(tmp_path):
+    root = str(tmp_path / "run")
+    out = run_ranks(cases.tp2_case, 2, root, timeout=600)
+    assert [o["status"] for o in out] == ["interrupted"] * 2
+    grpo = out[0]["metrics"]["grpo"]
+    assert len(grpo) == 1 and grpo[0]["logprob_mismatch/max"] < 1e-4  # rank 0's samples, TP=2 log-probs
+    assert out[0]["metrics"]["sft"][-1]["loss"] < out[0]["metrics"]["sft"][0]["loss"] + 1.0
+
+    refused = run_ranks(cases.tp1_resume_case, 1, root, timeout=300)[0]
+    assert "TP=2 x PP=1 x DP=1" in refused["error"] and "checkpoint.reset_optimizer=true" in refused["error"]
+    resumed = run_ranks(cases.tp1_resume_case, 1, root, "checkpoint.reset_optimizer=true", timeout=300)[0]
+    assert resumed["status"] == "done" and [r["step"] for r in resumed["metrics"]["grpo"]] == [1, 2]
+    assert resumed["metrics"]["grpo"][0] == grpo[0]  # the record of the step before the stop is kept
+    assert resumed["metrics"]["results"]["grpo"]["n"] == 4
+
+
+def test_eval_model_on_a_trained_stage_reproduces_the_run(resumed, tmp_path):
+    """``tr1 eval --model RUN/stages/sft/model`` (a tr1 Megatron folder, exported on the fly, frame budget from the
+    run's config.yaml) scores what the trainer scored at the end of the stage."""
+    import json
+
+    from megatron_tr1.cli import main
+
+    run = f"{resumed['root']}/straight"
+    assert main(["eval", "--data", f"{run}/data/test.yaml", "--model", f"{run}/stages/sft/model", "--no-think",
+                 "--out", str(tmp_path)]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["think"] is False and metrics["metrics"]["all"] == resumed["straight"]["results"]["sft"]

