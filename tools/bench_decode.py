@@ -23,10 +23,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
-import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -38,8 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from _bench_io import machine_name, publish  # noqa: E402  (tools/ is on sys.path when run as a script)
 
 RESOLUTIONS = {"240p": (240, 426), "360p": (360, 640), "480p": (480, 854), "720p": (720, 1280)}
 SIZES = {"cuda": dict(durations=[30, 60, 120], resolutions=["480p", "720p"], source_fps=30, repeats=5),
@@ -198,13 +193,7 @@ def main(argv=None) -> None:
     cfg["resolutions"] = args.resolutions or cfg["resolutions"]
     cfg["source_fps"] = args.source_fps or cfg["source_fps"]
     cfg["repeats"] = args.repeats or cfg["repeats"]
-    if args.device == "cpu":
-        machine = (f"toy sizes, CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared: "
-                   f"load average {os.getloadavg()[0]:.1f})")
-        slug = "cpu"
-    else:
-        machine = torch.cuda.get_device_name()
-        slug = re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-")
+    machine, slug = machine_name(args.device)
     with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:
         rows = run(args.device, cfg["durations"], cfg["resolutions"], cfg["source_fps"], cfg["repeats"], Path(tmp))
     versions = {"torch": torch.__version__}
@@ -214,21 +203,9 @@ def main(argv=None) -> None:
             versions[name] = getattr(mod, "__version__", "?")
     title = (f"video decode at 2 fps: {machine}; median of {cfg['repeats']}, "
              + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    table = Table(title=title, caption=NOTES[args.device])
-    for h in HEADER:
-        table.add_column(h, justify="left" if h in ("clip", "codec", "decoder", "status") else "right")
-    lines = table_rows(rows)
-    for cells in lines:
-        table.add_row(*cells)
-    Console(width=max(Console().width, 160)).print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"decode_{slug}.json").write_text(json.dumps(
-        dict(machine=machine, versions=versions, config=cfg, notes=NOTES[args.device], results=rows), indent=2)
-        + "\n")
-    md = [f"# {title}", "", NOTES[args.device], "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    md += ["| " + " | ".join(c) + " |" for c in lines]
-    (args.out / f"decode_{slug}.md").write_text("\n".join(md) + "\n")
-
+    publish(args.out, "decode", slug, title, NOTES[args.device], [(None, HEADER, table_rows(rows))],
+            dict(machine=machine, versions=versions, config=cfg, notes=NOTES[args.device], results=rows),
+            left=("clip", "codec", "decoder", "status"))
 
 if __name__ == "__main__":
     main()

@@ -21,10 +21,7 @@ Writes ``benchmarks/kernels_<device>.json`` and ``.md`` and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -35,8 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from _bench_io import machine_name, publish  # noqa: E402  (tools/ is on sys.path when run as a script)
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
@@ -240,28 +236,12 @@ def main(argv=None) -> None:
     cfg["repeats"] = args.repeats or cfg["repeats"]
     if args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
-        machine = f"toy sizes, CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-        slug = "cpu"
-    else:
-        machine = torch.cuda.get_device_name()
-        slug = re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-")
+    machine, slug = machine_name(args.device, load=False)
     rows = run(args.device, cfg["tokens"], cfg["hidden"], cfg["vocab"], cfg["chunk"], cfg["repeats"])
     title = (f"kernels fwd+bwd: {machine}; H={cfg['hidden']} V={cfg['vocab']} bf16, "
              f"torch {torch.__version__}, chunk_size={cfg['chunk'] or 'default'}")
-    table = Table(title=title, caption=NOTES[args.device])
-    for h in HEADER:
-        table.add_column(h, justify="left" if h == "kernel" else "right")
-    lines = table_rows(rows)
-    for cells in lines:
-        table.add_row(*cells)
-    Console(width=max(Console().width, 160)).print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"kernels_{slug}.json").write_text(json.dumps(
-        dict(machine=machine, torch=torch.__version__, config=cfg, results=rows), indent=2) + "\n")
-    md = [f"# {title}", "", NOTES[args.device], "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    md += ["| " + " | ".join(c) + " |" for c in lines]
-    (args.out / f"kernels_{slug}.md").write_text("\n".join(md) + "\n")
-
+    publish(args.out, "kernels", slug, title, NOTES[args.device], [(None, HEADER, table_rows(rows))],
+            dict(machine=machine, torch=torch.__version__, config=cfg, results=rows), left=("kernel",))
 
 if __name__ == "__main__":
     main()

@@ -29,8 +29,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
-import re
 import socket
 import sys
 import tempfile
@@ -41,8 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from _bench_io import machine_name, publish  # noqa: E402  (tools/ is on sys.path when run as a script)
 
 SIZES = {"cuda": dict(model="qwen2.5-vl-3b", prompts=8, n=8, max_tokens=256, repeats=3, bucket_mb=512,
                       frames=(32, 3, 224, 392), dtype="bfloat16", max_model_len=8192),
@@ -302,13 +299,7 @@ def main(argv=None) -> None:
     if rank != 0:
         return
 
-    if args.device == "cpu":
-        machine = (f"toy sizes, CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared: "
-                   f"load average {os.getloadavg()[0]:.1f})")
-        slug = "cpu"
-    else:
-        machine = torch.cuda.get_device_name()
-        slug = re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-")
+    machine, slug = machine_name(args.device)
     if args.tp * args.pp > 1:
         slug += f"_tp{args.tp}pp{args.pp}"
     versions = {"torch": torch.__version__, "threads": threads}
@@ -317,30 +308,12 @@ def main(argv=None) -> None:
         versions["vllm"] = vllm.__version__
     title = (f"rollout: {machine}; model {cfg['model']} {cfg['dtype']}, world {world} (TP={args.tp} PP={args.pp}), "
              + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    console = Console(width=max(Console().width, 160))
-    for header, cells, rows, caption in ((GEN_HEADER, gen_cells, gen_rows, "generation, median of "
-                                          f"{cfg['repeats']} after a warm-up"),
-                                         (SYNC_HEADER, sync_cells, sync_rows, "weight sync, median of "
-                                          f"{cfg['repeats']} after a warm-up; bucket {cfg['bucket_mb']} MiB")):
-        table = Table(title=f"{title}\n{caption}", caption=NOTES[args.device] if header is SYNC_HEADER else None)
-        for h in header:
-            table.add_column(h, justify="left" if h in ("engine", "target", "dtype") else "right")
-        for r in rows:
-            table.add_row(*cells(r))
-        console.print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"rollout_{slug}.json").write_text(json.dumps(
-        dict(machine=machine, versions=versions, config=cfg, notes=NOTES[args.device], generation=gen_rows,
-             sync=sync_rows), indent=2) + "\n")
-    md = [f"# {title}", "", NOTES[args.device], ""]
-    for header, cells, rows, caption in ((GEN_HEADER, gen_cells, gen_rows, "Generation (median of "
-                                          f"{cfg['repeats']} after a warm-up)"),
-                                         (SYNC_HEADER, sync_cells, sync_rows, "Weight sync (median of "
-                                          f"{cfg['repeats']} after a warm-up; bucket {cfg['bucket_mb']} MiB)")):
-        md += [f"## {caption}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        md += ["| " + " | ".join(cells(r)) + " |" for r in rows] + [""]
-    (args.out / f"rollout_{slug}.md").write_text("\n".join(md))
-
+    after = f"median of {cfg['repeats']} after a warm-up"
+    publish(args.out, "rollout", slug, title, NOTES[args.device],
+            [(f"Generation ({after})", GEN_HEADER, [gen_cells(r) for r in gen_rows]),
+             (f"Weight sync ({after}; bucket {cfg['bucket_mb']} MiB)", SYNC_HEADER, [sync_cells(r) for r in sync_rows])],
+            dict(machine=machine, versions=versions, config=cfg, notes=NOTES[args.device], generation=gen_rows,
+                 sync=sync_rows), left=("engine", "target", "dtype"))
 
 if __name__ == "__main__":
     main()

@@ -32,10 +32,7 @@ Writes ``benchmarks/step_<device>.json`` and ``.md`` and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -45,8 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from _bench_io import machine_name, publish  # noqa: E402  (tools/ is on sys.path when run as a script)
 
 SIZES = {"cuda": dict(prompts=8, n=8, max_tokens=64, steps=3, micro_batch=8, peak_tflops=989.0),
          "cpu": dict(prompts=2, n=4, max_tokens=16, steps=2, micro_batch=4, peak_tflops=None)}
@@ -196,33 +192,17 @@ def main(argv=None) -> None:
         launcher_env()
     steps, info = run(cfg, args.device)
     summary = summarize(steps, cfg["peak_tflops"], info["world_size"])
-    if args.device == "cpu":
-        machine = (f"toy sizes, CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared: "
-                   f"load average {os.getloadavg()[0]:.1f})")
-        slug = "cpu"
-    else:
-        machine = torch.cuda.get_device_name()
-        slug = re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-")
+    machine, slug = machine_name(args.device)
     title = (f"GRPO step: {machine}; tiny Qwen2.5-VL fp32, HF engine, world 1, median of {cfg['steps']} steps after "
              f"1 warm-up, peak {cfg['peak_tflops'] or 'n/a'} TFLOP/s, torch {torch.__version__} "
              f"({torch.get_num_threads()} threads)")
     notes = NOTES[args.device] + FORMULA
-    table = Table(title=title, caption=notes)
-    for h in HEADER:
-        table.add_column(h, justify="right")
     cells = table_cells(cfg, summary)
-    table.add_row(*cells)
-    Console(width=max(Console().width, 160)).print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"step_{slug}.json").write_text(json.dumps(
-        dict(machine=machine, torch=torch.__version__, config=cfg, notes=notes, info=info, summary=summary,
-             steps=steps), indent=2) + "\n")
-    md = [f"# {title}", "", notes, "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER),
-          "| " + " | ".join(cells) + " |", "",
-          f"Parameters: {info['params']}; video patches per step {info['patches_per_step']}; log-prob passes "
-          f"{info['logprob_passes']}; prompt tokens {info['prompt_tokens']}."]
-    (args.out / f"step_{slug}.md").write_text("\n".join(md) + "\n")
-
+    publish(args.out, "step", slug, title, notes, [(None, HEADER, [cells])],
+            dict(machine=machine, torch=torch.__version__, config=cfg, notes=notes, info=info, summary=summary,
+                 steps=steps),
+            md_extra=[f"Parameters: {info['params']}; video patches per step {info['patches_per_step']}; log-prob "
+                      f"passes {info['logprob_passes']}; prompt tokens {info['prompt_tokens']}."])
 
 if __name__ == "__main__":
     main()
