@@ -12,9 +12,11 @@
 6. ``sync_weights`` pushes the new policy into the engine.
 
 Model-parallel notes: micro-batches run through ``get_forward_backward_func`` (at PP=1
-``forward_backward_no_pipelining``); PP>1 additionally needs fixed or ``variable_seq_lengths`` shapes and the
-log-probs of step 3 broadcast from the last stage (only the last stage has them). At DP>1 each rank rolls out
-its own prompts; the token count that weights the loss is summed over DP (``loss_weights``).
+``forward_backward_no_pipelining``, at PP>1 1F1B with ``variable_seq_lengths``). The log-probs of step 3, the loss
+and its statistics exist on the last pipeline stage only (the others hold zeros: the trainer takes the step's
+metrics from the last stage). Every rank of a model-parallel group trains on the same rollouts
+(``rollout.shared.GroupEngine``); at DP>1 each replica rolls out its own prompts, and the token count that weights
+the loss is summed over DP (``loss_weights``).
 """
 from __future__ import annotations
 
@@ -96,8 +98,9 @@ def _per_token(values: list[torch.Tensor], rows: list[int], batch: dict) -> torc
 
 def response_logprobs(model, mbs: list[tuple[list[int], dict]], seqs: list[TokenSequence], temperature: float
                       ) -> list[torch.Tensor]:
-    """Each sequence's response-token log-probs ``[R]`` under ``model`` (no grad), over the micro-batches."""
-    out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+    """Each sequence's response-token log-probs ``[R]`` under ``model`` (no grad), over the micro-batches. Only
+    the last pipeline stage computes them; the others get zeros (they only feed the loss, computed there)."""
+    out: list[torch.Tensor] = [torch.zeros(len(s.response_ids)) for s in seqs]
     results = forward_backward(model, [b for _, b in mbs], lambda b, lp: (torch.zeros(()), {"lp": lp.detach()}),
                                temperature, forward_only=True)
     for (rows, _), result in zip(mbs, results):

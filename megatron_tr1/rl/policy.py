@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -82,12 +83,8 @@ def load_hf_config_and_tokenizer(hf_dir: str | Path):
 
 def layer_spec() -> str:
     """"te" where CUDA and transformer-engine are available, else megatron-core's "local" layers."""
-    if torch.cuda.is_available():
-        try:
-            import transformer_engine  # noqa: F401
-            return "te"
-        except ImportError:
-            pass
+    if torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None:
+        return "te"
     return "local"
 
 

@@ -32,7 +32,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_tr1.config import save_config
 from megatron_tr1.data.annotations import Sample
-from megatron_tr1.errors import CheckpointError, ConfigError
+from megatron_tr1.errors import CheckpointError
 from megatron_tr1.rl import policy as policy_io
 from megatron_tr1.rl.checkpoint import CheckpointManager, TrainState, capture_rng, restore_rng
 from megatron_tr1.rl.config import STAGES, TrainConfig
@@ -121,6 +121,16 @@ def _optim_file() -> str:
     """This rank's optimizer-state file in a checkpoint (its shard of the distributed optimizer)."""
     return (f"optim_tp{ps.get_tensor_model_parallel_rank():02d}_pp{ps.get_pipeline_model_parallel_rank():03d}_"
             f"dp{ps.get_data_parallel_rank():03d}.pt")
+
+
+def _from_last_stage(metrics: dict) -> dict:
+    """The last pipeline stage's metrics on every stage (loss, log-prob statistics exist only there)."""
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return metrics
+    group = ps.get_pipeline_model_parallel_group()
+    box = [metrics]
+    dist.broadcast_object_list(box, src=dist.get_process_group_ranks(group)[-1], group=group)
+    return box[0]
 
 
 def _rank0() -> bool:
@@ -222,11 +232,6 @@ class Trainer:
         cfg, sc = self.cfg, getattr(self.cfg.stages, stage)
         grpo = stage.startswith("grpo")
         think = self.stage_think(stage)
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            raise ConfigError(
-                f"stage {stage}: model.pipeline_parallel={cfg.model.pipeline_parallel}: the trainer runs TP x DP so "
-                f"far. The model, conversion and weight sync support PP; the SFT/GRPO steps do not yet move "
-                f"log-probs and losses from the last stage (use tensor_parallel instead; `tr1 plan` lists layouts)")
         out = self.stage_dir(stage)
         per_step = cfg.rollout.prompts_per_step if grpo else cfg.stage_batch(stage)
         total = sc.total_steps(len(self.samples["train"]), per_step)
@@ -272,7 +277,7 @@ class Trainer:
                     metrics = self.grpo_step(policy, optimizer, ref, sampler, state.step, think)
                 else:
                     metrics = self.sft_step(policy, optimizer, sampler, stage, state.step, think)
-                metrics |= {"lr": step_lr, "time/total": time.perf_counter() - start}
+                metrics = _from_last_stage(metrics) | {"lr": step_lr, "time/total": time.perf_counter() - start}
                 applied = guard.check(metrics.get("loss", 0.0) if math.isfinite(metrics.get("grad_norm", 0.0))
                                       else float("nan"), state.step)
                 metrics["skipped"] = int(not applied)

@@ -29,7 +29,7 @@ def forward_backward(model, batches: list[dict], loss_fn: Callable, temperature:
     """``loss_fn(batch, output) -> (loss, stats dict)`` over micro-batches through megatron-core's schedule;
     ``output`` is ``forward_logprobs``'s (a ``(logprobs, entropy)`` pair when ``entropy``). The schedule divides
     each loss by the number of micro-batches, so ``loss_fn`` returns losses already summing to the total.
-    Returns the stats dicts (on the last pipeline stage). The RL forward is called on the unwrapped model (DDP's
+    Returns the stats dicts on the last pipeline stage, ``[]`` on the others. The RL forward is called on the unwrapped model (DDP's
     grad hooks still fire; its forward pre-hooks, used only with ``overlap_param_gather``, do not)."""
     device = next(unwrap(model).parameters()).device
 
@@ -42,6 +42,8 @@ def forward_backward(model, batches: list[dict], loss_fn: Callable, temperature:
             return loss * len(batches), stats
         return out, loss_func
 
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        unwrap(model).config.variable_seq_lengths = True  # micro-batches differ in width: send shapes first
     with torch.set_grad_enabled(not forward_only):
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),

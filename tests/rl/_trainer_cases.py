@@ -116,3 +116,13 @@ def tp1_resume_case(rank, world, root, *extra):
         return {"status": train(cfg, resume="auto"), "metrics": metrics(root)}
     except CheckpointError as e:
         return {"error": str(e)}
+
+
+def layout_case(rank, world, root, tp, pp):
+    """SFT (2 steps) then GRPO (1 step) at TP x PP, 2 LM layers; the metrics rank 0 logged."""
+    from megatron_tr1.rl.train_cli import train
+
+    cfg = run_dir_config(root, f"model.tensor_parallel={tp}", f"model.pipeline_parallel={pp}",
+                         "model.tiny.num_layers=2", "stages.base.enabled=false", "stages.sft.steps=2",
+                         "stages.grpo.steps=1", "logging.progress=false")
+    return {"status": train(cfg), "metrics": metrics(root)}

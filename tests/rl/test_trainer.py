@@ -90,3 +90,16 @@ def test_eval_model_on_a_trained_stage_reproduces_the_run(resumed, tmp_path):
                  "--out", str(tmp_path)]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["think"] is False and metrics["metrics"]["all"] == resumed["straight"]["results"]["sft"]
+
+
+def test_pp2_run_matches_pp1(tmp_path):
+    """PP=2 (1F1B through megatron-core's schedule): SFT losses equal PP=1's, and GRPO's engine samples have the
+    log-probs the last stage recomputes (metrics come from the last stage)."""
+    pp2 = run_ranks(cases.layout_case, 2, str(tmp_path / "pp2"), 1, 2, timeout=600)[0]
+    pp1 = run_ranks(cases.layout_case, 1, str(tmp_path / "pp1"), 1, 1, timeout=600)[0]
+    assert pp2["status"] == pp1["status"] == "done"
+    for a, b in zip(pp2["metrics"]["sft"], pp1["metrics"]["sft"], strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-3
+    grpo = pp2["metrics"]["grpo"][0]
+    assert grpo["logprob_mismatch/max"] < 1e-4 and grpo["loss"] != 0.0 and grpo["entropy"] > 0
+    assert pp2["metrics"]["results"]["sft"] == pp1["metrics"]["results"]["sft"]
