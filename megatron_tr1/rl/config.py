@@ -130,7 +130,7 @@ class RolloutConfig:
     prompts_per_step: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
-    max_tokens: int = 96
+    max_tokens: int = 64
     seed: int = 0
     gpu_memory_utilization: float = 0.5  # vLLM only
 
@@ -245,11 +245,11 @@ class StagesConfig:
     ``algorithm.reward_no_think``. A real run disables all but the stage it wants.
     """
 
-    base: StageConfig = field(default_factory=lambda: StageConfig(steps=300, lr=3e-3, global_batch_size=32))
-    sft: StageConfig = field(default_factory=lambda: StageConfig(steps=600, lr=3e-3, global_batch_size=32,
+    base: StageConfig = field(default_factory=lambda: StageConfig(steps=200, lr=3e-3, global_batch_size=32))
+    sft: StageConfig = field(default_factory=lambda: StageConfig(steps=500, lr=3e-3, global_batch_size=32,
                                                                  think=False))
-    grpo: StageConfig = field(default_factory=lambda: StageConfig(steps=120, lr=5e-4))
-    grpo_no_think: StageConfig = field(default_factory=lambda: StageConfig(steps=120, lr=5e-4))
+    grpo: StageConfig = field(default_factory=lambda: StageConfig(steps=100, lr=5e-4))
+    grpo_no_think: StageConfig = field(default_factory=lambda: StageConfig(steps=100, lr=5e-4))
 
 
 @dataclass

@@ -50,8 +50,8 @@ def test_overrides_reach_every_section():
     (["stages.grpo.steps=0"], r"stages.grpo: an enabled stage needs steps > 0 or episodes > 0"),
     (["data.video.total_pixels=100"], r"data.video: total_pixels=100 < min_pixels=3136"),
     (["rollout.temperature=0"], r"temperature=0.0 must be > 0"),
-    (["optim.max_tokens_per_micro_batch=600"], r"max_tokens_per_micro_batch=600 is less than "
-                                               r"data.max_prompt_tokens \+ rollout.max_tokens = 608"),
+    (["optim.max_tokens_per_micro_batch=570"], r"max_tokens_per_micro_batch=570 is less than "
+                                               r"data.max_prompt_tokens \+ rollout.max_tokens = 576"),
     (["model.freeze_vision=true", "model.freeze_merger=true", "model.freeze_llm=true"], "nothing would be trained"),
 ])
 def test_bad_values_name_field_and_value(override, message):
