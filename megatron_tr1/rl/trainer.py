@@ -10,8 +10,8 @@ A run (``RUN_DIR``) executes the enabled stages of ``cfg.stages`` in order ``bas
 
 Per stage: ``RUN_DIR/stages/<stage>/`` holds ``metrics.jsonl``, ``tensorboard/``, ``model/`` (final weights,
 tr1 Megatron layout: ``tr1 convert mcore-to-hf`` or ``tr1 eval --model`` read it), ``eval/<split>/`` and ``DONE``.
-Checkpoints: ``checkpoint.dir/<stage>/step_N`` (``rl.checkpoint``: atomic), with the model shards, each
-model-parallel rank's optimizer state (megatron's DP-zero layout) and RNG, and the trainer state (step, data
+Checkpoints: ``checkpoint.dir/<stage>/step_N`` (``rl.checkpoint``: atomic), with the model shards,
+each rank's optimizer shard and RNG (``rl.optimizer_state``), and the trainer state (step, data
 position, NaN guard, metrics). SIGUSR1 / SIGTERM: the current step finishes, a checkpoint is saved, and the
 run returns ``"interrupted"`` (``RUN_DIR/DONE`` is written only when every stage is done).
 """
@@ -33,8 +33,8 @@ from megatron.core import parallel_state as ps
 from megatron_tr1.config import save_config
 from megatron_tr1.data.annotations import Sample
 from megatron_tr1.errors import CheckpointError
-from megatron_tr1.rl import policy as policy_io
-from megatron_tr1.rl.checkpoint import CheckpointManager, TrainState, capture_rng, restore_rng
+from megatron_tr1.rl import optimizer_state, policy as policy_io
+from megatron_tr1.rl.checkpoint import CheckpointManager, TrainState, capture_rng
 from megatron_tr1.rl.config import STAGES, TrainConfig
 from megatron_tr1.rl.guards import NanGuard
 from megatron_tr1.rl.logger import MetricsLogger, ProgressBar
@@ -95,32 +95,6 @@ class StopFlag:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value)
-
-
-def _optimizers(optimizer) -> list:
-    """The megatron optimizers inside ``optimizer`` (a ``ChainedOptimizer`` holds one per dtype / group)."""
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _inner(optimizer):
-    """The torch optimizer doing the update (megatron wraps one; its state is this rank's shard)."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
-def _main_params(optimizer) -> list[torch.Tensor]:
-    """The parameters the torch optimizer updates on this rank (fp32 main shards with the distributed optimizer)."""
-    return [p for group in _inner(optimizer).param_groups for p in group["params"]]
-
-
-def _layout() -> list[int]:
-    return [ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-            ps.get_data_parallel_world_size()]
-
-
-def _optim_file() -> str:
-    """This rank's optimizer-state file in a checkpoint (its shard of the distributed optimizer)."""
-    return (f"optim_tp{ps.get_tensor_model_parallel_rank():02d}_pp{ps.get_pipeline_model_parallel_rank():03d}_"
-            f"dp{ps.get_data_parallel_rank():03d}.pt")
 
 
 def _from_last_stage(metrics: dict) -> dict:
@@ -354,9 +328,7 @@ class Trainer:
             staging = manager.staging_dir(state.step, str(int(tag)))
         _barrier()
         policy_io.save_weights(model, staging / "model", self.hf_dir)
-        torch.save({"optimizers": [_inner(o).state_dict() for o in _optimizers(optimizer)],
-                    "main_params": [[p.detach().cpu().clone() for p in _main_params(o)] for o in _optimizers(optimizer)],
-                    "rng": capture_rng(), "layout": _layout()}, staging / _optim_file())
+        optimizer_state.save_optimizer_state(optimizer, staging)
         _barrier()
         if _rank0():
             state.rng = capture_rng()
@@ -368,28 +340,20 @@ class Trainer:
         """Model shards (resharded by ``convert`` if saved at another TP x PP), optimizer state, RNG, state."""
         state = CheckpointManager(path.parent).load(path)
         policy_io.load_weights(model, path / "model")
-        blob_path = path / _optim_file()
         saved = json.loads((path / "model" / "tr1_mcore.json").read_text())
-        saved_layout = [saved["tp"], saved["pp"], len(list(path.glob("optim_*.pt"))) // (saved["tp"] * saved["pp"])]
-        if saved_layout != _layout():
-            if not self.cfg.checkpoint.reset_optimizer:
-                raise CheckpointError(
-                    f"{path}: saved at TP={saved_layout[0]} x PP={saved_layout[1]} x DP={saved_layout[2]}, this run "
-                    f"is TP={_layout()[0]} x PP={_layout()[1]} x DP={_layout()[2]}. The weights reshard (convert/), "
-                    f"but the Adam moments are stored as each rank's shard of megatron's distributed optimizer, "
-                    f"which does not map onto another layout; resume with the saved layout, or pass "
-                    f"checkpoint.reset_optimizer=true to continue from the resharded weights with fresh moments")
-            log.warning("%s: weights resharded from TP=%d x PP=%d x DP=%d; the optimizer state starts fresh "
-                        "(checkpoint.reset_optimizer=true)", path, *saved_layout)
+        stored, ours = optimizer_state.saved_layout(path, saved["tp"], saved["pp"]), optimizer_state.layout()
+        if stored == ours:
+            optimizer_state.load_optimizer_state(optimizer, path)
+        elif not self.cfg.checkpoint.reset_optimizer:
+            raise CheckpointError(
+                f"{path}: saved at TP={stored[0]} x PP={stored[1]} x DP={stored[2]}, this run is TP={ours[0]} x "
+                f"PP={ours[1]} x DP={ours[2]}. The weights reshard (convert/), but the Adam moments are stored as "
+                f"each rank's shard of megatron's distributed optimizer, which does not map onto another layout; "
+                f"resume with the saved layout, or pass checkpoint.reset_optimizer=true to continue from the "
+                f"resharded weights with fresh moments")
         else:
-            blob = torch.load(blob_path, map_location="cpu", weights_only=True)
-            with torch.no_grad():
-                for part, inner, main in zip(_optimizers(optimizer), blob["optimizers"], blob["main_params"],
-                                             strict=True):
-                    for param, value in zip(_main_params(part), main, strict=True):
-                        param.copy_(value)
-                    _inner(part).load_state_dict(inner)
-            restore_rng(blob["rng"])
+            log.warning("%s: weights resharded from TP=%d x PP=%d x DP=%d; the optimizer state starts fresh "
+                        "(checkpoint.reset_optimizer=true)", path, *stored)
         return state
 
     # ---------------------------------------------------------------- end of stage
