@@ -96,6 +96,9 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> dict[str, list]:
 def prepare_model(cfg: TrainConfig, run_dir: Path) -> Path:
     """``model.hf_dir``, or the demo's tiny random model written to ``RUN_DIR/model_init``."""
     if cfg.model.hf_dir is not None:
+        from megatron_tr1.rl.policy import load_hf_config_and_tokenizer
+
+        load_hf_config_and_tokenizer(cfg.model.hf_dir)  # ConfigError naming the folder and what is missing
         return Path(cfg.model.hf_dir)
     from megatron_tr1.rl.policy import write_demo_model_dir
 
@@ -162,8 +165,8 @@ def train(cfg: TrainConfig, resume: str | None = None, callbacks=()) -> str:
     check_layout(cfg, dist.get_world_size())
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    hf_dir = prepare_model(cfg, run_dir)  # first: a wrong model.hf_dir fails before any data work
     samples = prepare_data(cfg, run_dir)
-    hf_dir = prepare_model(cfg, run_dir)
     status = Trainer(cfg, run_dir, hf_dir, samples, resume=resume or cfg.checkpoint.resume,
                      callbacks=callbacks).run()
     if status == "done" and _rank0():
