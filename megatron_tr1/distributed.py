@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from datetime import timedelta
 
 import torch
@@ -47,6 +48,28 @@ def seed_everything(seed: int) -> None:
     random.seed(stage_seed)
     torch.manual_seed(stage_seed)
     tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+
+
+def single_process_env() -> None:
+    """The launcher variables torchrun would set, for a plain one-process run (no-op when ``RANK`` is set)."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+
+
+def is_rank0() -> bool:
+    """Global rank 0, or no process group at all."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """``dist.barrier()`` when there is more than one rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def teardown() -> None:

@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import socket
 import sys
 import tempfile
 import time
@@ -76,19 +74,6 @@ def qwen2_5_vl_3b_config():
                             image_token_id=T["<|image_pad|>"], video_token_id=T["<|video_pad|>"],
                             vision_start_token_id=T["<|vision_start|>"], vision_end_token_id=T["<|vision_end|>"],
                             attn_implementation="sdpa")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launcher_env() -> None:
-    """A single-process launch gets the environment torchrun would set."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
 
 
 def build_models(cfg: dict, device: str):
@@ -251,9 +236,9 @@ def main(argv=None) -> None:
 
     import torch.distributed as dist
 
-    from megatron_tr1.distributed import init_parallel
+    from megatron_tr1.distributed import init_parallel, single_process_env
 
-    launcher_env()
+    single_process_env()
     init_parallel(args.tp, args.pp)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu"

@@ -32,7 +32,6 @@ Writes ``benchmarks/step_<device>.json`` and ``.md`` and prints the table.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -187,9 +186,8 @@ def main(argv=None) -> None:
             cfg[key] = getattr(args, key)
     if cfg["steps"] < 1 or cfg["n"] < 2 or cfg["prompts"] < 1:
         parser.error("need --steps >= 1, --n >= 2 (GRPO groups) and --prompts >= 1")
-    if "RANK" not in os.environ:
-        from bench_rollout import launcher_env  # tools/ is on sys.path when run as a script
-        launcher_env()
+    from megatron_tr1.distributed import single_process_env
+    single_process_env()
     steps, info = run(cfg, args.device)
     summary = summarize(steps, cfg["peak_tflops"], info["world_size"])
     machine, slug = machine_name(args.device)

@@ -150,7 +150,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lenient", action="store_true", help="skip bad samples (with one warning) instead of failing")
 
 
-REFERENCE_VIDEO = dict(fps=2.0, min_frames=4, max_frames=768, total_pixels=2048 * 28 * 28, min_pixels=4 * 28 * 28)
 
 
 def video_budget(args):
@@ -163,7 +162,10 @@ def video_budget(args):
         config = Path(args.model).parent / "config.yaml"
     if config is not None:
         return load_train_config(config).data.video
-    return VideoBudget(**REFERENCE_VIDEO)
+    from megatron_tr1.data import video  # sample_frames' defaults: Temporal-R1's budget
+
+    return VideoBudget(fps=video.FPS, min_frames=video.FPS_MIN_FRAMES, max_frames=video.FPS_MAX_FRAMES,
+                       total_pixels=video.TOTAL_PIXELS, min_pixels=video.MIN_PIXELS)
 
 
 def build_predictor(args) -> tuple[Predictor, dict]:

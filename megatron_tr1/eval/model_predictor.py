@@ -14,15 +14,8 @@ from typing import Sequence
 from tqdm import tqdm
 
 from megatron_tr1.data.annotations import Sample
-from megatron_tr1.data.video import sample_frames
-from megatron_tr1.rollout.engine import RolloutPrompt, Sampling, build_prompt
-
-
-def sample_prompt(sample: Sample, tokenizer, hf_config, video, think: bool) -> RolloutPrompt:
-    """``sample``'s prompt, its frames decoded with the budget ``video`` (``rl.config.VideoBudget``)."""
-    frames = sample_frames(sample.video, fps=video.fps, min_frames=video.min_frames, max_frames=video.max_frames,
-                           total_pixels=video.total_pixels, min_pixels=video.min_pixels)
-    return build_prompt(tokenizer, hf_config, sample.query, frames, think)
+from megatron_tr1.rl.prompts import sample_prompt
+from megatron_tr1.rollout.engine import RolloutPrompt, Sampling
 
 
 class EnginePredictor:

@@ -111,9 +111,13 @@ class CheckpointManager:
     def step_dir(self, step: int) -> Path:
         return self.root / f"step_{step:06d}"
 
+    def staging_path(self, step: int, tag: str | None = None) -> Path:
+        """Where a save of ``step`` stages its files (``tag`` defaults to the process id); not created."""
+        return self.root / f"step_{step:06d}.tmp-{tag if tag is not None else os.getpid()}"
+
     def staging_dir(self, step: int, tag: str | None = None) -> Path:
-        """The temporary folder a save of ``step`` writes into (created); ``tag`` defaults to the process id."""
-        path = self.root / f"step_{step:06d}.tmp-{tag if tag is not None else os.getpid()}"
+        """``staging_path``, created empty (one rank creates it; the others write into ``staging_path``)."""
+        path = self.staging_path(step, tag)
         if path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True)

@@ -32,15 +32,19 @@ class GroundingPrompt:
     query: str
 
 
+def sample_prompt(sample: Sample, tokenizer, hf_config, video, think: bool) -> RolloutPrompt:
+    """``sample``'s prompt, its frames decoded with the budget ``video`` (``rl.config.VideoBudget``)."""
+    frames = sample_frames(sample.video, fps=video.fps, min_frames=video.min_frames, max_frames=video.max_frames,
+                           total_pixels=video.total_pixels, min_pixels=video.min_pixels)
+    return build_prompt(tokenizer, hf_config, sample.query, frames, think)
+
+
 def grounding_prompt(sample: Sample, cfg: TrainConfig, tokenizer, hf_config, think: bool | None = None
                      ) -> GroundingPrompt:
     """Decode ``sample``'s frames with ``cfg.data.video``'s budget and build its prompt (``think`` defaults
     to ``cfg.algorithm.think``). ConfigError when it is longer than ``data.max_prompt_tokens``."""
-    v = cfg.data.video
-    frames = sample_frames(sample.video, fps=v.fps, min_frames=v.min_frames, max_frames=v.max_frames,
-                           total_pixels=v.total_pixels, min_pixels=v.min_pixels)
-    prompt = build_prompt(tokenizer, hf_config, sample.query, frames,
-                          cfg.algorithm.think if think is None else think)
+    prompt = sample_prompt(sample, tokenizer, hf_config, cfg.data.video,
+                           cfg.algorithm.think if think is None else think)
     if len(prompt.input_ids) > cfg.data.max_prompt_tokens:
         raise ConfigError(f"the prompt of sample {sample.id} has {len(prompt.input_ids)} tokens, more than "
                           f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}; raise it or lower "

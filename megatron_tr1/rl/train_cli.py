@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_tr1.distributed import barrier as _barrier, is_rank0 as _rank0, single_process_env
 from megatron_tr1.errors import ConfigError
 from megatron_tr1.rl.config import STAGES, TrainConfig, check_layout, load_train_config
 
@@ -31,25 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", help=f"comma-separated stages to run, of {','.join(STAGES)} (default: the "
                                          f"config's enabled ones)")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
-
-
-def _single_process_env() -> None:
-    """Launcher variables for a plain ``tr1 train`` (no torchrun): one rank on this machine."""
-    if "RANK" in os.environ:
-        return
-    from megatron_tr1.testing.multiproc import free_port
-
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
-
-
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def build_config(args) -> TrainConfig:
@@ -160,7 +141,7 @@ def train(cfg: TrainConfig, resume: str | None = None, callbacks=()) -> str:
     from megatron_tr1.distributed import init_parallel
     from megatron_tr1.rl.trainer import Trainer
 
-    _single_process_env()
+    single_process_env()
     init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, seed=cfg.seed)
     check_layout(cfg, dist.get_world_size())
     run_dir = Path(cfg.run_dir)

@@ -31,7 +31,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_tr1.config import save_config
+from megatron_tr1.convert.checkpoint import read_meta
 from megatron_tr1.data.annotations import Sample
+from megatron_tr1.distributed import barrier as _barrier, is_rank0 as _rank0
 from megatron_tr1.errors import CheckpointError
 from megatron_tr1.rl import optimizer_state, policy as policy_io
 from megatron_tr1.rl.checkpoint import CheckpointManager, TrainState, capture_rng
@@ -107,15 +109,6 @@ def _from_last_stage(metrics: dict) -> dict:
     return box[0]
 
 
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 class Trainer:
     """Runs the stages of ``cfg`` in ``run_dir`` given the data (``samples``: split -> list of ``Sample``) and
     the starting HF folder ``hf_dir``. Call after ``distributed.init_parallel``."""
@@ -143,7 +136,9 @@ class Trainer:
             elif on_gpu:
                 kwargs["device"] = "cuda"
             self.engine = make_engine(cfg.rollout.engine, self.hf_config, self.tokenizer, **kwargs)
-        self.group_engine = GroupEngine(self.engine, group, dtype)  # what every rank of the group samples from
+        # what every rank of the group samples from; its dtype (the same on every rank) is the sync's
+        self.group_engine = GroupEngine(self.engine, group, dtype)
+        self._predictors: dict[bool, object] = {}  # think -> EnginePredictor (prompts decoded once per mode)
         self._prompts: dict[tuple[str, bool], list[GroundingPrompt | None]] = {}
 
     # ---------------------------------------------------------------- data
@@ -232,7 +227,7 @@ class Trainer:
                                   f"--resume auto to continue that run, or choose another --run-dir")
         sampler = PromptSampler(len(self.samples["train"]), cfg.seed, cfg.data.shuffle, state.epoch, state.index)
         if grpo:
-            sync_weights(unwrap(policy), self.hf_config, self.engine, dtype=self._engine_dtype())
+            sync_weights(unwrap(policy), self.hf_config, self.engine, dtype=self.group_engine.dtype)
         logger = MetricsLogger(out, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
                                wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
                                resume_step=state.step if resume_from is not None else None) if _rank0() else None
@@ -280,9 +275,6 @@ class Trainer:
             if logger is not None:
                 logger.close()
 
-    def _engine_dtype(self) -> torch.dtype:
-        return self.group_engine.dtype  # the same on every rank (the sync's bucket plan depends on it)
-
     # ---------------------------------------------------------------- steps
     def sft_step(self, policy, optimizer, sampler: PromptSampler, stage: str, step: int, think: bool) -> dict:
         from megatron_tr1.rl.sft import sft_step
@@ -323,9 +315,8 @@ class Trainer:
         tag = torch.tensor([int(time.time() * 1000) % 2 ** 31])
         if dist.is_initialized():
             dist.broadcast(tag, 0)
-        staging = manager.root / f"step_{state.step:06d}.tmp-{int(tag)}"
-        if _rank0():
-            staging = manager.staging_dir(state.step, str(int(tag)))
+        staging = manager.staging_dir(state.step, str(int(tag))) if _rank0() else \
+            manager.staging_path(state.step, str(int(tag)))
         _barrier()
         policy_io.save_weights(model, staging / "model", self.hf_dir)
         optimizer_state.save_optimizer_state(optimizer, staging)
@@ -340,8 +331,8 @@ class Trainer:
         """Model shards (resharded by ``convert`` if saved at another TP x PP), optimizer state, RNG, state."""
         state = CheckpointManager(path.parent).load(path)
         policy_io.load_weights(model, path / "model")
-        saved = json.loads((path / "model" / "tr1_mcore.json").read_text())
-        stored, ours = optimizer_state.saved_layout(path, saved["tp"], saved["pp"]), optimizer_state.layout()
+        meta = read_meta(path / "model")
+        stored, ours = optimizer_state.saved_layout(path, meta.tp, meta.pp), optimizer_state.layout()
         if stored == ours:
             optimizer_state.load_optimizer_state(optimizer, path)
         elif not self.cfg.checkpoint.reset_optimizer:
@@ -362,7 +353,7 @@ class Trainer:
         from megatron_tr1.rollout.weight_sync import sync_weights
 
         out = self.stage_dir(stage)
-        sync_weights(model, self.hf_config, self.engine, dtype=self._engine_dtype())  # the engine evaluates
+        sync_weights(model, self.hf_config, self.engine, dtype=self.group_engine.dtype)  # the engine evaluates
         tmp = out / "model.tmp"
         policy_io.save_weights(model, tmp, self.hf_dir)
         _barrier()
@@ -390,12 +381,12 @@ class Trainer:
                 samples = samples[: self.cfg.eval.max_samples]
             if not samples or self.engine is None:
                 continue
-            predictor = self._predictors.get(think) if hasattr(self, "_predictors") else None
-            if predictor is None:
-                self._predictors = getattr(self, "_predictors", {})
-                predictor = self._predictors[think] = EnginePredictor(
+            if think not in self._predictors:
+                self._predictors[think] = EnginePredictor(
                     self.engine, self.tokenizer, self.hf_config, self.cfg.data.video, think=think,
-                    max_tokens=self.cfg.rollout.max_tokens, name=stage, progress=self.cfg.logging.progress)
+                    max_tokens=self.cfg.rollout.max_tokens, progress=self.cfg.logging.progress)
+            predictor = self._predictors[think]
+            predictor.name = stage
             rows = score(samples, predictor.predict(samples), self.cfg.eval.parser)
             metrics = summarize(rows)
             write_outputs(self.stage_dir(stage) / "eval" / split, rows,

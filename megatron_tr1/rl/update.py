@@ -43,7 +43,9 @@ def forward_backward(model, batches: list[dict], loss_fn: Callable, temperature:
         return out, loss_func
 
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        unwrap(model).config.variable_seq_lengths = True  # micro-batches differ in width: send shapes first
+        # micro-batches differ in width: send shapes first. Set here, not in TransformerConfig(...): its
+        # construction-time check refuses variable_seq_lengths with the default (MoE) token dispatcher
+        unwrap(model).config.variable_seq_lengths = True
     with torch.set_grad_enabled(not forward_only):
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
