@@ -4,7 +4,7 @@ megatron-core runs on CPU with gloo and ``TransformerConfig(use_cpu_initializati
 places that hard-code CUDA are redirected. ``enable_cpu_megatron()`` does exactly that, once per process
 (a second call does nothing). On a machine with CUDA it is a no-op that returns False and touches nothing,
 so calling it can never change the GPU path. Each patch below says what it replaces and why; patches 1-6
-cover the model and the pipeline schedules, 7-9 (``cpu_optimizer.py``) megatron's DDP and optimizers.
+cover the model and the pipeline schedules, 7-10 (``cpu_optimizer.py``) megatron's DDP and optimizers.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def enable_cpu_megatron() -> bool:
             torch.Tensor.cuda = cuda
     LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
 
-    # 7-9. DistributedDataParallel and the optimizers (Adam, clip_grad, distributed optimizer).
+    # 7-10. DistributedDataParallel and the optimizers (Adam, clip_grad, distributed optimizer).
     from megatron_tr1.testing.cpu_optimizer import patch_ddp_and_optimizer
     patch_ddp_and_optimizer(_TorchWithCpuDefaults())
     _ENABLED = True

@@ -177,10 +177,32 @@ def freeze_case(rank, world):
     return out
 
 
+def segments_case(rank, world):
+    """A vision layer with segments as batch rows (``SegmentBatch``, unequal lengths: key-padding mask) against
+    the same layer over the whole sequence with a block-diagonal mask: max |output diff| and |grad diff|."""
+    from megatron_tr1.models.qwen2_5_vl.specs import SegmentBatch
+
+    init_parallel(1, 1)
+    model = tiny_mcore_model(tiny_hf_model(0))
+    layer = model.vision.decoder.layers[0]
+    cu = torch.tensor([0, 5, 8, 16, 29])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(29, 1, model.vision.merger.ln_q.normalized_shape[0], generator=g, requires_grad=True)
+    angles = torch.randn(29, 1, 1, model.vision.head_dim, generator=g)
+    segment = torch.repeat_interleave(torch.arange(4), cu[1:] - cu[:-1])
+    block = (segment[:, None] != segment[None, :]).view(1, 1, 29, 29)
+    ref = layer(hidden_states=x, rotary_pos_emb=angles, attention_mask=block)[0]
+    (ref_grad,) = torch.autograd.grad(ref.square().sum(), x)
+    ours = model.vision.specs.run_vision_layer(layer, x, angles, SegmentBatch.from_cu_seqlens(cu))
+    (grad,) = torch.autograd.grad(ours.square().sum(), x)
+    return {"out": (ours - ref).abs().max().item(), "grad": (grad - ref_grad).abs().max().item(),
+            "equal_lengths_mask": SegmentBatch.from_cu_seqlens(torch.tensor([0, 4, 8])).mask}
+
+
 def one_rank_suite(rank, world):
     """Everything that runs on one rank, in one process (process start-up dominates the test time)."""
     return {"tp1": tp_case(rank, world, 1, False, 2, 0.7), "tp1_gqa1_tied": tp_case(rank, world, 1, True, 1, 1.0),
-            "freeze": freeze_case(rank, world)}
+            "freeze": freeze_case(rank, world), "segments": segments_case(rank, world)}
 
 
 def two_rank_suite(rank, world):

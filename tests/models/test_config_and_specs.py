@@ -58,8 +58,9 @@ def test_local_masks():
     mask = specs.language_attention(torch.tensor([[0, 1, 1]]))
     # row = query, column = key; True = masked: causal, and the left pad key is masked for everyone
     assert mask[0, 0].tolist() == [[True, True, True], [True, False, True], [True, False, False]]
-    block = specs.vision_attention(torch.tensor([0, 2, 3]))["attention_mask"][0, 0]
-    assert block.tolist() == [[False, False, True], [False, False, True], [True, True, False]]
+    rows = specs.vision_attention(torch.tensor([0, 2, 3]))  # segments of 2 and 1 patches as batch rows
+    assert rows.index.tolist() == [[0, 1], [2, 0]] and rows.valid.tolist() == [[True, True], [True, False]]
+    assert rows.mask[:, 0, 0].tolist() == [[False, False], [False, True]]  # the padding key of row 2
 
 
 @pytest.mark.parametrize("grid", [[[2, 8, 12]], [[1, 4, 4], [3, 12, 8]], [[1, 6, 10]]])

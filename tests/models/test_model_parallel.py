@@ -76,6 +76,12 @@ def test_tp2_pp2_tied_equals_hf():
     _check_pipeline(run_ranks(cases.pp_case, 4, 2, True), 2, True)
 
 
+def test_vision_segments_as_batch_rows_equal_the_block_diagonal_mask(one_rank):
+    r = one_rank[0]["segments"]
+    assert r["out"] < 1e-5 and r["grad"] < 1e-5, r
+    assert r["equal_lengths_mask"] is None  # same-sized frames: no mask at all
+
+
 def test_freeze_switches_stop_gradients(one_rank):
     parts = {"vision_tower": ("vision.patch_embed.", "vision.decoder."), "merger": ("vision.merger.",),
              "language_model": ("language_model.",)}
