@@ -102,4 +102,4 @@ def test_bench_step(tmp_path):
     assert s["seconds"]["step"] > 0 and s["tokens"] > 0 and s["tokens_per_s_per_gpu"] > 0
     assert s["model_tflops"] > 0 and 0 < s["mfu_step"] < s["mfu_train"]
     assert [x["warmup"] for x in data["steps"]] == [True, False]
-    assert data["info"]["logprob_passes"] == 2 and data["info"]["params"]["lm_train"] > 0
+    assert data["info"]["logprob_passes"] == 1 and data["info"]["params"]["lm_train"] > 0  # reference only: one update

@@ -15,7 +15,8 @@ MFU = model FLOPs / step seconds / peak FLOP/s, with model FLOPs per step (atten
             still counts once, as the LM head's matmul), applied to every trained token;
     N_vis = vision-encoder parameters (patch embedding + blocks), applied to every video patch;
     T = tokens of the step's sequences (prompt incl. visual tokens + response), P = their video patches;
-    passes = forward-only log-prob passes: old policy + reference (1 when kl_coef = 0).
+    passes = forward-only log-prob passes: old policy (none when the step makes one update: ``grpo.old_from_update``)
+             + reference (none when kl_coef = 0).
 
 The trained (6x) term counts trainable parameters only; the forward-only terms count all. Rollout FLOPs are not
 counted. ``MFU train`` divides the same FLOPs by the logprob + update seconds only. The peak is ``--peak-tflops``
@@ -55,8 +56,8 @@ NOTES = {
 FORMULA = ("MFU = F / seconds / peak, F = 6 * (N_lm * T + N_vis * P) (trainable params) + 2 * (N_lm * T + N_vis * "
            "P) * passes (all params), N_lm = LM + merger params without the input embedding table, N_vis = vision "
            "encoder params, T = trained tokens (prompt incl. visual + response), P = video patches, passes = old "
-           "policy + reference log-prob passes; attention score FLOPs and rollout FLOPs not counted. MFU step "
-           "divides by time/step, MFU train by time/logprob + time/update.")
+           "policy (none with one update per step) + reference log-prob passes; attention score FLOPs and rollout "
+           "FLOPs not counted. MFU step divides by time/step, MFU train by time/logprob + time/update.")
 
 
 def length_reward(response, gt, duration, format_weight=0.5):
@@ -91,7 +92,7 @@ def run(cfg: dict, device: str) -> tuple[list[dict], dict]:
     from megatron_tr1.data.dataset import load_data_config, load_samples
     from megatron_tr1.distributed import init_parallel, wrap_ddp_and_optimizer
     from megatron_tr1.rl.config import DataSection, OptimConfig, RolloutConfig, TrainConfig, VideoBudget
-    from megatron_tr1.rl.grpo import grpo_step
+    from megatron_tr1.rl.grpo import grpo_step, old_from_update
     from megatron_tr1.rl.prompts import grounding_prompt
     from megatron_tr1.rollout.hf_engine import HFEngine
     from megatron_tr1.rollout.weight_sync import sync_weights
@@ -123,7 +124,7 @@ def run(cfg: dict, device: str) -> tuple[list[dict], dict]:
     counts = param_counts(model, hf.config.tie_word_embeddings)
     patches_per_seq = [int(i.prompt.video.video_grid_thw.prod()) for i in items]
     patches = sum(patches_per_seq) * cfg["n"]
-    passes = 2 if train.algorithm.kl_coef > 0 else 1
+    passes = int(not old_from_update(batch, train)) + int(train.algorithm.kl_coef > 0)
 
     steps = []
     for step in range(cfg["steps"] + 1):  # step 0: warm-up

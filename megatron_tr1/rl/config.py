@@ -248,8 +248,8 @@ class StagesConfig:
     base: StageConfig = field(default_factory=lambda: StageConfig(steps=200, lr=3e-3, global_batch_size=32))
     sft: StageConfig = field(default_factory=lambda: StageConfig(steps=400, lr=3e-3, global_batch_size=32,
                                                                  think=False))
-    grpo: StageConfig = field(default_factory=lambda: StageConfig(steps=80, lr=5e-4))
-    grpo_no_think: StageConfig = field(default_factory=lambda: StageConfig(steps=80, lr=5e-4))
+    grpo: StageConfig = field(default_factory=lambda: StageConfig(steps=160, lr=5e-4))
+    grpo_no_think: StageConfig = field(default_factory=lambda: StageConfig(steps=160, lr=5e-4))
 
 
 @dataclass

@@ -4,7 +4,10 @@
    with ``algorithm.dynamic_sampling`` zero-spread groups are dropped and refilled from ``refill``;
 2. sequences (group-major) are cut into padded micro-batches (``rl.prompts.model_batch``);
 3. old-policy and reference log-probs (no grad) with ``forward_logprobs``; the engine's sampled-token
-   log-probs are compared with the old-policy ones (``logprob_mismatch``: a sync or kernel bug shows here);
+   log-probs are compared with the old-policy ones (``logprob_mismatch``: a sync or kernel bug shows here).
+   When the step makes one update (all sequences in one ``global_batch_size`` slice) and the KL is not in the
+   reward, the old policy *is* the policy being updated: its log-probs are taken, detached, from the update's
+   own forward instead of a separate pass (as verl does; the ratio is then exactly 1, its gradient unchanged);
 4. advantages: optional KL-in-reward, ``group_advantages``, overlong filtering of the loss mask;
 5. update: for each ``global_batch_size`` slice, ``kernels.grpo_loss`` per micro-batch through megatron-core's
    forward-backward schedule (each micro-batch's loss weighted by its share of the slice's tokens, so the slice's
@@ -100,41 +103,50 @@ def response_logprobs(model, mbs: list[tuple[list[int], dict]], seqs: list[Token
                       ) -> list[torch.Tensor]:
     """Each sequence's response-token log-probs ``[R]`` under ``model`` (no grad), over the micro-batches. Only
     the last pipeline stage computes them; the others get zeros (they only feed the loss, computed there)."""
-    out: list[torch.Tensor] = [torch.zeros(len(s.response_ids)) for s in seqs]
     results = forward_backward(model, [b for _, b in mbs], lambda b, lp: (torch.zeros(()), {"lp": lp.detach()}),
                                temperature, forward_only=True)
-    for (rows, _), result in zip(mbs, results):
-        for i, r in enumerate(rows):
-            p = len(seqs[r].prompt_ids)
-            out[r] = result["lp"][i, p - 1: p - 1 + len(seqs[r].response_ids)]
-    return out
+    return _responses(mbs, results, seqs)
+
+
+def old_from_update(num_sequences: int, cfg: TrainConfig) -> bool:
+    """Whether the old-policy log-probs come from the update's own forward: one update per step (every
+    sequence in one ``global_batch_size`` slice) and no KL in the reward (which needs them before the update)."""
+    return num_sequences <= cfg.stage_batch("grpo") and not cfg.algorithm.kl_in_reward
 
 
 def grpo_loss_fn(batch: dict, output, cfg: TrainConfig):
     """``kernels.grpo_loss`` of one micro-batch times its ``weight`` (its share of the update's tokens or rows)."""
     a = cfg.algorithm
     logprobs, entropy = output
+    on_policy = "old_logprobs" not in batch  # one update per step: the old policy is this forward's
+    old = logprobs.detach() if on_policy else batch["old_logprobs"]
     loss, stats = kernels.grpo_loss(
-        logprobs, batch["old_logprobs"], batch["advantages"], batch["loss_mask"], ref_logprobs=batch.get("ref"),
+        logprobs, old, batch["advantages"], batch["loss_mask"], ref_logprobs=batch.get("ref"),
         clip_low=a.clip_low, clip_high=a.clip_high, clip_dual=a.clip_dual,
         kl_coef=0.0 if a.kl_in_reward else a.kl_coef, kl_type=a.kl_type, entropy=entropy,
         entropy_coef=a.entropy_coef, agg=a.agg)
     tokens = batch["loss_mask"].sum()
     ent = (entropy.detach() * batch["loss_mask"]).sum() / tokens.clamp(min=1)
-    return loss * batch["weight"], {"loss": loss.detach(), "tokens": tokens, "entropy": ent, **stats}
+    return loss * batch["weight"], {"loss": loss.detach(), "tokens": tokens, "entropy": ent, **stats} | \
+        ({"lp": old} if on_policy else {})
 
 
 def update(policy, optimizer, seqs, prompts, old, ref, advantages, keep, cfg: TrainConfig, hf_config, pad_id
-           ) -> dict[str, float]:
+           ) -> tuple[dict[str, float], list[torch.Tensor] | None]:
     """One optimizer step per ``global_batch_size`` slice of the sequences; token-means of the loss statistics,
-    the largest gradient norm and the number of updates."""
+    the largest gradient norm and the number of updates. ``old`` None (one slice only): the old-policy
+    log-probs come from the update's forward and are returned per sequence (else None is returned)."""
     a, size = cfg.algorithm, cfg.stage_batch("grpo")
-    stats, grad_norms = [], []
+    if old is None and len(seqs) > size:
+        raise ValueError(f"{len(seqs)} sequences make more than one update of {size}: old log-probs are needed")
+    stats, grad_norms, slices = [], [], []
     for start in range(0, len(seqs), size):
         mbs = micro_batches(seqs, prompts, list(range(start, min(start + size, len(seqs)))), cfg, hf_config, pad_id)
+        slices += mbs
         for rows, batch in mbs:
             batch["loss_mask"] &= keep[rows][:, None]
-            batch["old_logprobs"] = _per_token(old, rows, batch)
+            if old is not None:
+                batch["old_logprobs"] = _per_token(old, rows, batch)
             if ref is not None and not a.kl_in_reward:
                 batch["ref"] = _per_token(ref, rows, batch)
             batch["advantages"] = advantages[rows]
@@ -148,7 +160,20 @@ def update(policy, optimizer, seqs, prompts, old, ref, advantages, keep, cfg: Tr
     tokens = max(float(sum(s["tokens"] for s in stats)), 1.0)
     out = {k: float(sum(s[k] * s["tokens"] for s in stats)) / tokens
            for k in ("loss", "kl", "clip_frac", "ppo_kl", "entropy")}
-    return out | {"grad_norm": max(grad_norms), "updates": len(grad_norms)}
+    return out | {"grad_norm": max(grad_norms), "updates": len(grad_norms)}, \
+        None if old is not None else _responses(slices, stats, seqs)
+
+
+def _responses(mbs: list[tuple[list[int], dict]], results: list[dict], seqs: list[TokenSequence], key: str = "lp"
+               ) -> list[torch.Tensor]:
+    """Each sequence's response-token values ``[R]`` from per-micro-batch ``results[i][key]`` ``[B, L]`` (zeros
+    where there are no results: pipeline stages before the last)."""
+    out: list[torch.Tensor] = [torch.zeros(len(s.response_ids)) for s in seqs]
+    for (rows, _), result in zip(mbs, results):
+        for i, r in enumerate(rows):
+            p = len(seqs[r].prompt_ids)
+            out[r] = result[key][i, p - 1: p - 1 + len(seqs[r].response_ids)]
+    return out
 
 
 def grpo_step(policy, optimizer, engine, ref_model, prompts_with_gt: Sequence[GroundingPrompt], cfg: TrainConfig,
@@ -183,12 +208,10 @@ def grpo_step(policy, optimizer, engine, ref_model, prompts_with_gt: Sequence[Gr
     prompts = [g.item.prompt for g in groups for _ in g.responses]
     mbs = micro_batches(seqs, prompts, list(range(len(seqs))), cfg, hf_config, pad_id)
 
-    # 3. old-policy and reference log-probs; the engine's against the old policy's
+    # 3. old-policy (unless the update's forward gives them) and reference log-probs
     with timer("logprob"):
-        old = response_logprobs(policy, mbs, seqs, cfg.rollout.temperature)
+        old = None if old_from_update(len(seqs), cfg) else response_logprobs(policy, mbs, seqs, cfg.rollout.temperature)
         ref = response_logprobs(ref_model, mbs, seqs, cfg.rollout.temperature) if a.kl_coef > 0 else None
-    sampled = torch.cat([torch.tensor(x.logprobs) for x in responses])
-    metrics |= logprob_mismatch(sampled, torch.cat(old), torch.cat([v.expand(len(o)) for v, o in zip(valid, old)]))
 
     # 4. advantages (KL in the reward: old policy against the reference, summed over each response)
     overall = torch.tensor([x["overall"] for x in rewards], dtype=torch.float64)
@@ -206,8 +229,12 @@ def grpo_step(policy, optimizer, engine, ref_model, prompts_with_gt: Sequence[Gr
 
     # 5. update
     with timer("update"):
-        metrics |= update(policy, optimizer, seqs, prompts, old, ref, advantages, keep & valid, cfg, hf_config,
-                          pad_id)
+        update_metrics, update_old = update(policy, optimizer, seqs, prompts, old, ref, advantages, keep & valid,
+                                            cfg, hf_config, pad_id)
+    metrics |= update_metrics
+    old = old if old is not None else update_old
+    sampled = torch.cat([torch.tensor(x.logprobs) for x in responses])
+    metrics |= logprob_mismatch(sampled, torch.cat(old), torch.cat([v.expand(len(o)) for v, o in zip(valid, old)]))
 
     # 6. weight sync
     with timer("sync"):

@@ -45,11 +45,24 @@ def grounding_prompt(sample: Sample, cfg: TrainConfig, tokenizer, hf_config, thi
     to ``cfg.algorithm.think``). ConfigError when it is longer than ``data.max_prompt_tokens``."""
     prompt = sample_prompt(sample, tokenizer, hf_config, cfg.data.video,
                            cfg.algorithm.think if think is None else think)
-    if len(prompt.input_ids) > cfg.data.max_prompt_tokens:
-        raise ConfigError(f"the prompt of sample {sample.id} has {len(prompt.input_ids)} tokens, more than "
+    _check_length(prompt.input_ids, sample.id, cfg)
+    return GroundingPrompt(prompt=prompt, gt=sample.gt, duration=sample.duration, query=sample.query)
+
+
+def in_mode(item: GroundingPrompt, sample_id: str, cfg: TrainConfig, tokenizer, think: bool) -> GroundingPrompt:
+    """``item`` with the ``think`` (or answer-only) prompt text: the same frames and patches, no second decode."""
+    from megatron_tr1.data.prompt import encode_prompt
+
+    ids = encode_prompt(tokenizer, item.query, item.prompt.video, think)["input_ids"][0].tolist()
+    _check_length(ids, sample_id, cfg)
+    return dataclasses.replace(item, prompt=dataclasses.replace(item.prompt, input_ids=ids))
+
+
+def _check_length(input_ids: list[int], sample_id: str, cfg: TrainConfig) -> None:
+    if len(input_ids) > cfg.data.max_prompt_tokens:
+        raise ConfigError(f"the prompt of sample {sample_id} has {len(input_ids)} tokens, more than "
                           f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}; raise it or lower "
                           f"data.video.total_pixels / max_frames")
-    return GroundingPrompt(prompt=prompt, gt=sample.gt, duration=sample.duration, query=sample.query)
 
 
 def model_batch(seqs: Sequence[TokenSequence], prompts: Sequence[RolloutPrompt], hf_config,

@@ -37,6 +37,7 @@ from megatron_tr1.distributed import barrier as _barrier, is_rank0 as _rank0
 from megatron_tr1.errors import CheckpointError
 from megatron_tr1.rl import optimizer_state, policy as policy_io
 from megatron_tr1.rl.checkpoint import CheckpointManager, TrainState, capture_rng
+from megatron_tr1.rl.stage_eval import StageEvaluator
 from megatron_tr1.rl.config import STAGES, TrainConfig
 from megatron_tr1.rl.guards import NanGuard
 from megatron_tr1.rl.logger import MetricsLogger, ProgressBar
@@ -138,18 +139,23 @@ class Trainer:
             self.engine = make_engine(cfg.rollout.engine, self.hf_config, self.tokenizer, **kwargs)
         # what every rank of the group samples from; its dtype (the same on every rank) is the sync's
         self.group_engine = GroupEngine(self.engine, group, dtype)
-        self._predictors: dict[bool, object] = {}  # think -> EnginePredictor (prompts decoded once per mode)
+        self.evaluator = StageEvaluator(cfg, self.engine, self.tokenizer, self.hf_config, samples)
         self._prompts: dict[tuple[str, bool], list[GroundingPrompt | None]] = {}
 
     # ---------------------------------------------------------------- data
     def prompts(self, split: str, indices: list[int], think: bool) -> list[GroundingPrompt]:
-        """Grounding prompts of ``split``'s samples ``indices`` (frames decoded once per sample and mode)."""
-        from megatron_tr1.rl.prompts import grounding_prompt
+        """Grounding prompts of ``split``'s samples ``indices`` (frames decoded once per sample; the other
+        prompt mode reuses them)."""
+        from megatron_tr1.rl.prompts import grounding_prompt, in_mode
 
         cache = self._prompts.setdefault((split, think), [None] * len(self.samples[split]))
+        other = self._prompts.get((split, not think))
         for i in indices:
             if cache[i] is None:
-                cache[i] = grounding_prompt(self.samples[split][i], self.cfg, self.tokenizer, self.hf_config, think)
+                sample = self.samples[split][i]
+                cache[i] = in_mode(other[i], sample.id, self.cfg, self.tokenizer, think) \
+                    if other is not None and other[i] is not None else \
+                    grounding_prompt(sample, self.cfg, self.tokenizer, self.hf_config, think)
         return [cache[i] for i in indices]
 
     def base_items(self, indices: list[int], step: int, think: bool) -> list[GroundingPrompt]:
@@ -251,6 +257,9 @@ class Trainer:
                                       else float("nan"), state.step)
                 metrics["skipped"] = int(not applied)
                 state.step += 1
+                if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < total:
+                    sync_weights(unwrap(policy), self.hf_config, self.engine, dtype=self.group_engine.dtype)
+                    metrics |= self.evaluator.during_training(think)
                 state.epoch, state.index = sampler.position
                 if logger is not None:
                     state.metrics.append(logger.log(state.step, metrics))
@@ -361,38 +370,10 @@ class Trainer:
             import shutil
             shutil.rmtree(out / "model", ignore_errors=True)
             tmp.rename(out / "model")
-            results = self.evaluate(stage, think)
+            results = self.evaluator.final(stage, think, out / "eval")
             (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
             if self.cfg.logging.plots:
                 from megatron_tr1.rl.plots import plot_training
                 plot_training({stage: state.metrics}, out / "plots")
             (out / DONE).write_text(f"step {state.step}\n")
         _barrier()
-
-    def evaluate(self, stage: str, think: bool) -> dict:
-        """Greedy evaluation of the engine's weights (the stage's final policy) on the test and ood splits."""
-        from megatron_tr1.eval.evaluate import score, summarize, write_outputs
-        from megatron_tr1.eval.model_predictor import EnginePredictor
-
-        results = {}
-        for split in ("test", "ood"):
-            samples = self.samples.get(split) or []
-            if self.cfg.eval.max_samples:
-                samples = samples[: self.cfg.eval.max_samples]
-            if not samples or self.engine is None:
-                continue
-            if think not in self._predictors:
-                self._predictors[think] = EnginePredictor(
-                    self.engine, self.tokenizer, self.hf_config, self.cfg.data.video, think=think,
-                    max_tokens=self.cfg.rollout.max_tokens, progress=self.cfg.logging.progress)
-            predictor = self._predictors[think]
-            predictor.name = stage
-            rows = score(samples, predictor.predict(samples), self.cfg.eval.parser)
-            metrics = summarize(rows)
-            write_outputs(self.stage_dir(stage) / "eval" / split, rows,
-                          {"stage": stage, "think": think, "split": split, "metrics": metrics})
-            results[split] = metrics["all"]
-        return results
-
-
-

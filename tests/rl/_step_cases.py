@@ -91,6 +91,35 @@ def grpo_case(rank, world):
             "flat_grad": grads, "flat_change": unchanged}
 
 
+def old_from_update_case(rank, world):
+    """One GRPO step taking the old log-probs from the update's forward, and the same step with a separate
+    old-policy pass (twin policies, engines and optimizers): metrics and updated weights."""
+    from unittest import mock
+
+    from megatron_tr1.rl import grpo
+    from megatron_tr1.rollout.hf_engine import HFEngine
+    from megatron_tr1.rollout.weight_sync import sync_weights
+    from megatron_tr1.testing.tiny_model import tiny_mcore_model
+
+    cfg = step_config(dynamic_sampling=False)
+    hf, policy, tokenizer, items, ref = setup(cfg)
+    out = {}
+    for name, shortcut in (("shortcut", True), ("separate", False)):
+        model = tiny_mcore_model(hf).train()
+        engine = HFEngine(hf.config, tokenizer)
+        sync_weights(model, hf.config, engine, dtype=torch.float32)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=0.0)
+        with mock.patch.object(grpo, "old_from_update", lambda n, c: shortcut), \
+                mock.patch.object(grpo, "response_logprobs", wraps=grpo.response_logprobs) as passes:
+            metrics = grpo.grpo_step(model, optimizer, engine, ref, items, cfg, tokenizer, hf.config, step=0,
+                                     reward_fn=length_reward)
+        out[name] = {"metrics": metrics, "params": _params(model), "passes": passes.call_count}
+    a, b = out["shortcut"], out["separate"]
+    return {"passes": (a["passes"], b["passes"]), "metrics": (a["metrics"], b["metrics"]),
+            "param_diff": max((a["params"][k] - b["params"][k]).abs().max().item() for k in a["params"]),
+            "moved": max((a["params"][k] - v).abs().max().item() for k, v in _params(ref).items())}
+
+
 def sft_case(rank, world):
     from megatron_tr1.rl.batching import sft_target
     from megatron_tr1.rl.prompts import model_batch

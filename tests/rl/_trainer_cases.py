@@ -46,12 +46,12 @@ def stop_at(stage: str, step: int):
 def resume_case(rank, world, root):
     from megatron_tr1.rl.train_cli import train
 
-    straight = train(run_dir_config(f"{root}/straight", "checkpoint.every=3"))
-    first = train(run_dir_config(f"{root}/resumed", "checkpoint.every=3"), callbacks=[stop_at("sft", 2)])
+    every = ("checkpoint.every=3", "eval.every=2")
+    straight = train(run_dir_config(f"{root}/straight", *every))
+    first = train(run_dir_config(f"{root}/resumed", *every), callbacks=[stop_at("sft", 2)])
     ckpts = sorted(p.name for p in Path(root, "resumed/checkpoints/sft").iterdir())
-    second = train(run_dir_config(f"{root}/resumed", "checkpoint.every=3"), resume="auto",
-                   callbacks=[stop_at("grpo", 1)])
-    third = train(run_dir_config(f"{root}/resumed", "checkpoint.every=3"), resume="auto")
+    second = train(run_dir_config(f"{root}/resumed", *every), resume="auto", callbacks=[stop_at("grpo", 1)])
+    third = train(run_dir_config(f"{root}/resumed", *every), resume="auto")
     return {"status": [straight, first, second, third], "sft_ckpts_after_stop": ckpts,
             "straight": metrics(f"{root}/straight"), "resumed": metrics(f"{root}/resumed"),
             "done": [Path(root, d, "DONE").is_file() for d in ("straight", "resumed")], "root": root}

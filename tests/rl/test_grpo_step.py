@@ -40,6 +40,16 @@ def test_grpo_step():
     assert flat["logprob_mismatch/max"] > 1e-2
 
 
+def test_old_logprobs_from_the_update_forward_equal_a_separate_pass():
+    out = run_ranks(_step_cases.old_from_update_case, 1)[0]
+    assert out["passes"] == (1, 2)  # reference only, vs old policy + reference
+    shortcut, separate = out["metrics"]
+    assert out["moved"] > 1e-4 and out["param_diff"] < 1e-6, out  # the same update
+    for key in ("loss", "grad_norm", "kl", "entropy", "reward/mean", "logprob_mismatch/max"):
+        assert abs(shortcut[key] - separate[key]) < 1e-6, key
+    assert shortcut["logprob_mismatch/max"] < LOGPROB_ATOL and shortcut["clip_frac"] == 0.0
+
+
 def test_sampled_video_placeholder_is_left_out():
     """A response holding a sampled <|video_pad|> is padded and dropped from the loss; others pass unchanged."""
     from megatron_tr1.rl.grpo import training_sequence

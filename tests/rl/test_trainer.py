@@ -50,6 +50,13 @@ def test_results_json_has_every_stage_and_split(resumed):
     assert results["base"]["n"] == 4 and results["ood"]["base"]["n"] == 2
 
 
+def test_eval_every_logs_test_metrics_during_training(resumed):
+    sft = resumed["straight"]["sft"]  # 4 steps, eval.every=2: step 2 (step 4 is the stage's final evaluation)
+    assert ["eval/test/mIoU" in r for r in sft] == [False, True, False, False]
+    assert 0 <= sft[1]["eval/test/mIoU"] <= 100 and "eval/test/R@0.5" in sft[1]
+    assert not any("eval/test/mIoU" in r for r in resumed["straight"]["grpo"])  # 2 steps: final only
+
+
 def test_fresh_run_refuses_a_run_dir_with_checkpoints(tmp_path):
     message = run_ranks(cases.fresh_run_refuses_existing_checkpoints, 1, str(tmp_path), timeout=300)[0]
     assert message is not None and "--resume auto" in message and "checkpoints" in message

@@ -2,11 +2,11 @@
 
 ``"local"``: megatron-core's own layers (CPU and GPU, no transformer-engine); attention takes explicit
 boolean masks (True = masked out): causal + key padding for the decoder; the vision tower's windows or
-frames become batch rows (``SegmentBatch``), with a key-padding mask only when their lengths differ. ``"te"``: transformer-engine layers (GPU), norms fused into ``linear_qkv`` /
-``linear_fc1``; the decoder runs TE's causal attention without a mask (so batches must be right-padded:
-real tokens never see a later pad key), the vision tower packed ``thd`` sequences with ``cu_seqlens`` per
-window or frame. The model code calls ``language_attention`` / ``vision_attention`` / ``run_vision_layer`` and
-never branches on the backend itself.
+frames become batch rows (``SegmentBatch``), with a key-padding mask only when their lengths differ.
+``"te"``: transformer-engine layers (GPU), norms fused into ``linear_qkv`` / ``linear_fc1``; the decoder
+runs TE's causal attention without a mask (so batches must be right-padded: real tokens never see a later pad
+key), the vision tower packed ``thd`` sequences with ``cu_seqlens`` per window or frame. The model code calls
+``language_attention`` / ``vision_attention`` / ``run_vision_layer`` and never branches on the backend itself.
 """
 from __future__ import annotations
 

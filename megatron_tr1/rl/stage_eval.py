@@ -1,0 +1,68 @@
+"""Greedy evaluation inside ``tr1 train``: each stage's final weights on the test and ood splits, and (with
+``eval.every``) the current weights on the test split during training.
+
+The engine holds the weights to evaluate (the trainer syncs them first). Prompts are decoded once per prompt
+mode (think / no think) and reused by every later evaluation (``EnginePredictor`` caches them).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_tr1.data.annotations import Sample
+from megatron_tr1.rl.config import TrainConfig
+
+METRICS = ("mIoU", "R@0.3", "R@0.5", "R@0.7")
+
+
+class StageEvaluator:
+    """Evaluates the ``engine``'s weights on ``samples["test"]`` / ``samples["ood"]`` (``eval.max_samples``
+    each); does nothing where the engine is None (ranks that do not hold it)."""
+
+    def __init__(self, cfg: TrainConfig, engine, tokenizer, hf_config, samples: dict[str, list[Sample]]):
+        self.cfg, self.engine, self.tokenizer, self.hf_config = cfg, engine, tokenizer, hf_config
+        self.samples = samples
+        self._predictors: dict[bool, object] = {}  # think -> EnginePredictor
+
+    def split(self, split: str) -> list[Sample]:
+        samples = self.samples.get(split) or []
+        return samples[: self.cfg.eval.max_samples] if self.cfg.eval.max_samples else samples
+
+    def predictor(self, think: bool, progress: bool):
+        from megatron_tr1.eval.model_predictor import EnginePredictor
+
+        if think not in self._predictors:
+            self._predictors[think] = EnginePredictor(
+                self.engine, self.tokenizer, self.hf_config, self.cfg.data.video, think=think,
+                max_tokens=self.cfg.rollout.max_tokens)
+        predictor = self._predictors[think]
+        predictor.progress = progress
+        return predictor
+
+    def during_training(self, think: bool) -> dict[str, float]:
+        """``eval/test/{mIoU,R@0.3,R@0.5,R@0.7}`` of the engine's weights (no files written, no RNG drawn)."""
+        from megatron_tr1.eval.evaluate import score, summarize
+
+        samples = self.split("test")
+        if not samples or self.engine is None:
+            return {}
+        rows = score(samples, self.predictor(think, progress=False).predict(samples), self.cfg.eval.parser)
+        metrics = summarize(rows)["all"]
+        return {f"eval/test/{k}": metrics[k] for k in METRICS}
+
+    def final(self, stage: str, think: bool, out: Path) -> dict:
+        """``{split: metrics}`` of the engine's weights on test and ood; predictions, the lmms-eval
+        submission and the metrics go to ``out/<split>/``."""
+        from megatron_tr1.eval.evaluate import score, summarize, write_outputs
+
+        results = {}
+        for split in ("test", "ood"):
+            samples = self.split(split)
+            if not samples or self.engine is None:
+                continue
+            predictor = self.predictor(think, progress=self.cfg.logging.progress)
+            predictor.name = stage
+            rows = score(samples, predictor.predict(samples), self.cfg.eval.parser)
+            metrics = summarize(rows)
+            write_outputs(out / split, rows, {"stage": stage, "think": think, "split": split, "metrics": metrics})
+            results[split] = metrics["all"]
+        return results
