@@ -131,17 +131,20 @@ def grpo_loss_fn(batch: dict, output, cfg: TrainConfig):
         ({"lp": old} if on_policy else {})
 
 
-def update(policy, optimizer, seqs, prompts, old, ref, advantages, keep, cfg: TrainConfig, hf_config, pad_id
-           ) -> tuple[dict[str, float], list[torch.Tensor] | None]:
+def update(policy, optimizer, seqs, prompts, old, ref, advantages, keep, cfg: TrainConfig, hf_config, pad_id,
+           all_mbs: list[tuple[list[int], dict]] | None = None) -> tuple[dict[str, float], list[torch.Tensor] | None]:
     """One optimizer step per ``global_batch_size`` slice of the sequences; token-means of the loss statistics,
     the largest gradient norm and the number of updates. ``old`` None (one slice only): the old-policy
-    log-probs come from the update's forward and are returned per sequence (else None is returned)."""
+    log-probs come from the update's forward and are returned per sequence (else None is returned).
+    ``all_mbs``: micro-batches already built over every sequence, reused when the sequences make one slice."""
     a, size = cfg.algorithm, cfg.stage_batch("grpo")
     if old is None and len(seqs) > size:
         raise ValueError(f"{len(seqs)} sequences make more than one update of {size}: old log-probs are needed")
     stats, grad_norms, slices = [], [], []
     for start in range(0, len(seqs), size):
-        mbs = micro_batches(seqs, prompts, list(range(start, min(start + size, len(seqs)))), cfg, hf_config, pad_id)
+        rows = list(range(start, min(start + size, len(seqs))))
+        mbs = all_mbs if all_mbs is not None and len(rows) == len(seqs) else \
+            micro_batches(seqs, prompts, rows, cfg, hf_config, pad_id)
         slices += mbs
         for rows, batch in mbs:
             batch["loss_mask"] &= keep[rows][:, None]
@@ -164,15 +167,15 @@ def update(policy, optimizer, seqs, prompts, old, ref, advantages, keep, cfg: Tr
         None if old is not None else _responses(slices, stats, seqs)
 
 
-def _responses(mbs: list[tuple[list[int], dict]], results: list[dict], seqs: list[TokenSequence], key: str = "lp"
+def _responses(mbs: list[tuple[list[int], dict]], results: list[dict], seqs: list[TokenSequence]
                ) -> list[torch.Tensor]:
-    """Each sequence's response-token values ``[R]`` from per-micro-batch ``results[i][key]`` ``[B, L]`` (zeros
-    where there are no results: pipeline stages before the last)."""
+    """Each sequence's response-token log-probs ``[R]`` from per-micro-batch ``results[i]["lp"]`` ``[B, L]``
+    (zeros where there are no results: pipeline stages before the last)."""
     out: list[torch.Tensor] = [torch.zeros(len(s.response_ids)) for s in seqs]
     for (rows, _), result in zip(mbs, results):
         for i, r in enumerate(rows):
             p = len(seqs[r].prompt_ids)
-            out[r] = result[key][i, p - 1: p - 1 + len(seqs[r].response_ids)]
+            out[r] = result["lp"][i, p - 1: p - 1 + len(seqs[r].response_ids)]
     return out
 
 
@@ -230,7 +233,7 @@ def grpo_step(policy, optimizer, engine, ref_model, prompts_with_gt: Sequence[Gr
     # 5. update
     with timer("update"):
         update_metrics, update_old = update(policy, optimizer, seqs, prompts, old, ref, advantages, keep & valid,
-                                            cfg, hf_config, pad_id)
+                                            cfg, hf_config, pad_id, all_mbs=mbs)
     metrics |= update_metrics
     old = old if old is not None else update_old
     sampled = torch.cat([torch.tensor(x.logprobs) for x in responses])

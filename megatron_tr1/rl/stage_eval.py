@@ -23,7 +23,7 @@ class StageEvaluator:
         self.samples = samples
         self._predictors: dict[bool, object] = {}  # think -> EnginePredictor
 
-    def split(self, split: str) -> list[Sample]:
+    def samples_of(self, split: str) -> list[Sample]:
         samples = self.samples.get(split) or []
         return samples[: self.cfg.eval.max_samples] if self.cfg.eval.max_samples else samples
 
@@ -42,7 +42,7 @@ class StageEvaluator:
         """``eval/test/{mIoU,R@0.3,R@0.5,R@0.7}`` of the engine's weights (no files written, no RNG drawn)."""
         from megatron_tr1.eval.evaluate import score, summarize
 
-        samples = self.split("test")
+        samples = self.samples_of("test")
         if not samples or self.engine is None:
             return {}
         rows = score(samples, self.predictor(think, progress=False).predict(samples), self.cfg.eval.parser)
@@ -56,7 +56,7 @@ class StageEvaluator:
 
         results = {}
         for split in ("test", "ood"):
-            samples = self.split(split)
+            samples = self.samples_of(split)
             if not samples or self.engine is None:
                 continue
             predictor = self.predictor(think, progress=self.cfg.logging.progress)

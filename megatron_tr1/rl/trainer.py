@@ -37,12 +37,12 @@ from megatron_tr1.distributed import barrier as _barrier, is_rank0 as _rank0
 from megatron_tr1.errors import CheckpointError
 from megatron_tr1.rl import optimizer_state, policy as policy_io
 from megatron_tr1.rl.checkpoint import CheckpointManager, TrainState, capture_rng
-from megatron_tr1.rl.stage_eval import StageEvaluator
 from megatron_tr1.rl.config import STAGES, TrainConfig
 from megatron_tr1.rl.guards import NanGuard
 from megatron_tr1.rl.logger import MetricsLogger, ProgressBar
 from megatron_tr1.rl.prompts import GroundingPrompt
 from megatron_tr1.rl.sampler import PromptSampler, shard
+from megatron_tr1.rl.stage_eval import StageEvaluator
 from megatron_tr1.rl.update import unwrap
 from megatron_tr1.rollout.shared import GroupEngine
 

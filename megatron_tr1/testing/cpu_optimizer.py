@@ -95,4 +95,3 @@ def patch_ddp_and_optimizer(torch_with_cpu_defaults) -> None:
             return None
         return start_param_sync(self, force_sync)
     _ParamAndGradBucketGroup.start_param_sync = start_param_sync_unless_alone
-
