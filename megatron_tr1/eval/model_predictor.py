@@ -2,8 +2,9 @@
 
 ``EnginePredictor(engine, tokenizer, hf_config, video_budget, think)`` decodes each sample's frames with the
 training budget (``rl.config.VideoBudget``), builds the Temporal-R1 prompt (think or answer-only) and asks the
-engine for one greedy response per prompt, in batches. The trainer evaluates each stage with it; ``tr1 eval
---model DIR`` builds one from an HF folder (or a tr1 Megatron checkpoint, exported on the fly).
+engine for one greedy response per prompt, in batches. The trainer evaluates each stage with it (its predictor
+of the other prompt mode reuses the decoded frames: ``frames_from``); ``tr1 eval --model DIR`` builds one from an
+HF folder (or a tr1 Megatron checkpoint, exported on the fly).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from megatron_tr1.data.annotations import Sample
-from megatron_tr1.rl.prompts import sample_prompt
+from megatron_tr1.rl.prompts import prompt_in_mode, sample_prompt
 from megatron_tr1.rollout.engine import RolloutPrompt, Sampling
 
 
@@ -22,17 +23,21 @@ class EnginePredictor:
     """Greedy answers from ``engine`` (``rollout.engine.RolloutEngine``) holding the model's weights."""
 
     def __init__(self, engine, tokenizer, hf_config, video, think: bool = True, max_tokens: int = 256,
-                 batch_size: int = 32, name: str = "model", progress: bool = True):
+                 batch_size: int = 32, name: str = "model", progress: bool = True,
+                 frames_from: "EnginePredictor | None" = None):
         self.engine, self.tokenizer, self.hf_config, self.video = engine, tokenizer, hf_config, video
         self.think, self.max_tokens, self.batch_size, self.name = think, max_tokens, batch_size, name
         self.progress = progress
         self._prompts: dict[str, RolloutPrompt] = {}
+        self._frames_from = frames_from  # a predictor (same video budget) whose decoded prompts this one reuses
 
     def prompts(self, samples: Sequence[Sample]) -> list[RolloutPrompt]:
         """The samples' prompts (decoded once per sample and kept: the trainer evaluates every stage on them)."""
+        other = self._frames_from._prompts if self._frames_from is not None else {}
         for s in samples:
             if s.id not in self._prompts:
-                self._prompts[s.id] = sample_prompt(s, self.tokenizer, self.hf_config, self.video, self.think)
+                self._prompts[s.id] = prompt_in_mode(other[s.id], s.query, self.tokenizer, self.think) \
+                    if s.id in other else sample_prompt(s, self.tokenizer, self.hf_config, self.video, self.think)
         return [self._prompts[s.id] for s in samples]
 
     def predict(self, samples: Sequence[Sample]) -> list[str]:

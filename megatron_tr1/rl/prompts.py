@@ -49,13 +49,19 @@ def grounding_prompt(sample: Sample, cfg: TrainConfig, tokenizer, hf_config, thi
     return GroundingPrompt(prompt=prompt, gt=sample.gt, duration=sample.duration, query=sample.query)
 
 
-def in_mode(item: GroundingPrompt, sample_id: str, cfg: TrainConfig, tokenizer, think: bool) -> GroundingPrompt:
-    """``item`` with the ``think`` (or answer-only) prompt text: the same frames and patches, no second decode."""
+def prompt_in_mode(prompt: RolloutPrompt, query: str, tokenizer, think: bool) -> RolloutPrompt:
+    """``prompt`` (of ``query``) with the ``think`` (or answer-only) text: the same frames and patches."""
     from megatron_tr1.data.prompt import encode_prompt
 
-    ids = encode_prompt(tokenizer, item.query, item.prompt.video, think)["input_ids"][0].tolist()
-    _check_length(ids, sample_id, cfg)
-    return dataclasses.replace(item, prompt=dataclasses.replace(item.prompt, input_ids=ids))
+    ids = encode_prompt(tokenizer, query, prompt.video, think)["input_ids"][0].tolist()
+    return dataclasses.replace(prompt, input_ids=ids)
+
+
+def in_mode(item: GroundingPrompt, sample_id: str, cfg: TrainConfig, tokenizer, think: bool) -> GroundingPrompt:
+    """``item`` with the ``think`` (or answer-only) prompt text: the same frames and patches, no second decode."""
+    prompt = prompt_in_mode(item.prompt, item.query, tokenizer, think)
+    _check_length(prompt.input_ids, sample_id, cfg)
+    return dataclasses.replace(item, prompt=prompt)
 
 
 def _check_length(input_ids: list[int], sample_id: str, cfg: TrainConfig) -> None:

@@ -1,8 +1,9 @@
 """Greedy evaluation inside ``tr1 train``: each stage's final weights on the test and ood splits, and (with
 ``eval.every``) the current weights on the test split during training.
 
-The engine holds the weights to evaluate (the trainer syncs them first). Prompts are decoded once per prompt
-mode (think / no think) and reused by every later evaluation (``EnginePredictor`` caches them).
+The engine holds the weights to evaluate (the trainer syncs them first). Frames are decoded once per sample: the
+predictor of the other prompt mode (think / no think) reuses them, and every later evaluation reuses the prompts
+(``EnginePredictor`` caches them).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class StageEvaluator:
         if think not in self._predictors:
             self._predictors[think] = EnginePredictor(
                 self.engine, self.tokenizer, self.hf_config, self.cfg.data.video, think=think,
-                max_tokens=self.cfg.rollout.max_tokens)
+                max_tokens=self.cfg.rollout.max_tokens, frames_from=self._predictors.get(not think))
         predictor = self._predictors[think]
         predictor.progress = progress
         return predictor
