@@ -150,8 +150,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lenient", action="store_true", help="skip bad samples (with one warning) instead of failing")
 
 
-
-
 def video_budget(args):
     """The frame budget for ``--model``: ``--train-config``'s, the run's ``config.yaml`` beside the model
     folder (``RUN/stages/<stage>/config.yaml``), or Temporal-R1's."""
