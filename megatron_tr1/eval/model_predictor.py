@@ -1,10 +1,10 @@
 """A model as an ``eval.evaluate.Predictor``: greedy decoding of the grounding prompt through a rollout engine.
 
-``EnginePredictor(engine, tokenizer, hf_config, video_budget, think)`` decodes each sample's frames with the
-training budget (``rl.config.VideoBudget``), builds the Temporal-R1 prompt (think or answer-only) and asks the
-engine for one greedy response per prompt, in batches. The trainer evaluates each stage with it (its predictor
-of the other prompt mode reuses the decoded frames: ``frames_from``); ``tr1 eval --model DIR`` builds one from an
-HF folder (or a tr1 Megatron checkpoint, exported on the fly).
+``EnginePredictor(engine, cache, think)`` takes each sample's Temporal-R1 prompt (think or answer-only) from a
+``rl.prompts.PromptCache`` (frames decoded with the training budget, ``rl.config.VideoBudget``, once while kept)
+and asks the engine for one greedy response per prompt, a batch at a time (only a batch's videos need be in
+memory). The trainer evaluates each stage with it (both modes share the trainer's cache); ``tr1 eval --model DIR``
+builds one from an HF folder (or a tr1 Megatron checkpoint, exported on the fly).
 """
 from __future__ import annotations
 
@@ -15,39 +15,25 @@ from typing import Sequence
 from tqdm import tqdm
 
 from megatron_tr1.data.annotations import Sample
-from megatron_tr1.rl.prompts import prompt_in_mode, sample_prompt
-from megatron_tr1.rollout.engine import RolloutPrompt, Sampling
+from megatron_tr1.rl.prompts import PromptCache
+from megatron_tr1.rollout.engine import Sampling
 
 
 class EnginePredictor:
     """Greedy answers from ``engine`` (``rollout.engine.RolloutEngine``) holding the model's weights."""
 
-    def __init__(self, engine, tokenizer, hf_config, video, think: bool = True, max_tokens: int = 256,
-                 batch_size: int = 32, name: str = "model", progress: bool = True,
-                 frames_from: "EnginePredictor | None" = None):
-        self.engine, self.tokenizer, self.hf_config, self.video = engine, tokenizer, hf_config, video
-        self.think, self.max_tokens, self.batch_size, self.name = think, max_tokens, batch_size, name
-        self.progress = progress
-        self._prompts: dict[str, RolloutPrompt] = {}
-        self._frames_from = frames_from  # a predictor (same video budget) whose decoded prompts this one reuses
-
-    def prompts(self, samples: Sequence[Sample]) -> list[RolloutPrompt]:
-        """The samples' prompts (decoded once per sample and kept: the trainer evaluates every stage on them)."""
-        other = self._frames_from._prompts if self._frames_from is not None else {}
-        for s in samples:
-            if s.id not in self._prompts:
-                self._prompts[s.id] = prompt_in_mode(other[s.id], s.query, self.tokenizer, self.think) \
-                    if s.id in other else sample_prompt(s, self.tokenizer, self.hf_config, self.video, self.think)
-        return [self._prompts[s.id] for s in samples]
+    def __init__(self, engine, cache: PromptCache, think: bool = True, max_tokens: int = 256,
+                 batch_size: int = 32, name: str = "model", progress: bool = True):
+        self.engine, self.cache, self.think, self.max_tokens = engine, cache, think, max_tokens
+        self.batch_size, self.name, self.progress = batch_size, name, progress
 
     def predict(self, samples: Sequence[Sample]) -> list[str]:
-        prompts = self.prompts(samples)
         greedy = Sampling(temperature=0.0, max_tokens=self.max_tokens)
         texts: list[str] = []
-        with tqdm(total=len(prompts), desc=f"eval {self.name}", unit="sample", disable=not self.progress,
+        with tqdm(total=len(samples), desc=f"eval {self.name}", unit="sample", disable=not self.progress,
                   leave=False) as bar:
-            for start in range(0, len(prompts), self.batch_size):
-                batch = prompts[start: start + self.batch_size]
+            for start in range(0, len(samples), self.batch_size):
+                batch = self.cache(samples[start: start + self.batch_size], self.think)
                 texts += [group[0].text for group in self.engine.generate(batch, 1, greedy)]
                 bar.update(len(batch))
         return texts
@@ -75,5 +61,5 @@ def load_model_predictor(model_dir: str | Path, engine_kind: str, video, think: 
     if engine_kind == "hf" and torch.cuda.is_available():
         kwargs["device"] = "cuda"
     engine = make_engine(engine_kind, hf_config, tokenizer, **kwargs)
-    return EnginePredictor(engine, tokenizer, hf_config, video, think=think, max_tokens=max_tokens,
+    return EnginePredictor(engine, PromptCache(tokenizer, hf_config, video), think=think, max_tokens=max_tokens,
                            name=name or model_dir.name)

@@ -116,9 +116,11 @@ class DataSection:
     max_prompt_tokens: int = 512
     strict: bool = False  # False: skip bad records with one warning
     shuffle: bool = True
+    cache_gb: float = 8.0  # decoded videos kept in host memory per rank (least recently used out; 0: none)
 
     def __post_init__(self):
         _positive(self, "max_prompt_tokens")
+        _positive(self, "cache_gb", allow_zero=True)
 
 
 @dataclass

@@ -142,9 +142,9 @@ def update(policy, optimizer, seqs, prompts, old, ref, advantages, keep, cfg: Tr
         raise ValueError(f"{len(seqs)} sequences make more than one update of {size}: old log-probs are needed")
     stats, grad_norms, slices = [], [], []
     for start in range(0, len(seqs), size):
-        rows = list(range(start, min(start + size, len(seqs))))
-        mbs = all_mbs if all_mbs is not None and len(rows) == len(seqs) else \
-            micro_batches(seqs, prompts, rows, cfg, hf_config, pad_id)
+        update_rows = list(range(start, min(start + size, len(seqs))))
+        mbs = all_mbs if all_mbs is not None and len(update_rows) == len(seqs) else \
+            micro_batches(seqs, prompts, update_rows, cfg, hf_config, pad_id)
         slices += mbs
         for rows, batch in mbs:
             batch["loss_mask"] &= keep[rows][:, None]

@@ -1,7 +1,8 @@
 """What the policy sees: grounding prompts from samples, and model micro-batches of prompt + response.
 
 ``grounding_prompt`` turns a ``data.annotations.Sample`` into a ``GroundingPrompt`` (sample_frames ->
-``rollout.engine.build_prompt``, plus the ground truth the reward needs). ``model_batch`` turns sequences
+``rollout.engine.build_prompt``, plus the ground truth the reward needs); ``PromptCache`` keeps decoded videos
+(bounded) so that the trainer and the evaluator decode each once. ``model_batch`` turns sequences
 (``TokenSequence``, ``rl.batching``) and the prompt each came from into the right-padded tensors of one
 ``forward_logprobs`` call: ids, labels, M-RoPE positions (``get_rope_index``, as the engines use) and the
 videos of the rows, concatenated in row order. GRPO and SFT both build their micro-batches here.
@@ -9,6 +10,7 @@ videos of the rows, concatenated in row order. GRPO and SFT both build their mic
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -39,36 +41,78 @@ def sample_prompt(sample: Sample, tokenizer, hf_config, video, think: bool) -> R
     return build_prompt(tokenizer, hf_config, sample.query, frames, think)
 
 
+class PromptCache:
+    """Prompts of samples in either mode (think / answer only), decoding each video once while it is kept.
+
+    A video's frames are decoded on its first prompt; every other prompt on it (the other mode, another query on
+    the same video, as Charades-STA has ~2.3 per video) re-encodes only the text and shares the patches. Videos
+    beyond ``max_gb`` (``data.cache_gb``) go least recently used first; ``max_gb=0`` keeps none. At 2048 visual
+    tokens a video is ~48 MB (fp32 patches, uint8 frames): a whole Charades split would not fit in host memory.
+    """
+
+    def __init__(self, tokenizer, hf_config, video, max_gb: float = 8.0):
+        self.tokenizer, self.hf_config, self.video = tokenizer, hf_config, video
+        self.max_bytes = int(max_gb * 2**30)
+        self.nbytes = 0
+        self.decodes = 0  # videos decoded so far (a revisit after eviction decodes again)
+        self._videos: OrderedDict[str, dict[tuple[str, bool], RolloutPrompt]] = OrderedDict()
+
+    def __call__(self, samples: Sequence[Sample], think: bool) -> list[RolloutPrompt]:
+        return [self.get(s, think) for s in samples]
+
+    def get(self, sample: Sample, think: bool) -> RolloutPrompt:
+        key = (sample.query, think)
+        prompts = self._videos.get(str(sample.video))
+        if prompts is None:
+            prompt = sample_prompt(sample, self.tokenizer, self.hf_config, self.video, think)
+            self.decodes += 1
+            self._keep(str(sample.video), {key: prompt})
+            return prompt
+        self._videos.move_to_end(str(sample.video))
+        if key not in prompts:
+            prompts[key] = prompt_in_mode(next(iter(prompts.values())), sample.query, self.tokenizer, think)
+        return prompts[key]
+
+    def _keep(self, video: str, prompts: dict) -> None:
+        size = _nbytes(next(iter(prompts.values())))
+        while self._videos and self.nbytes + size > self.max_bytes:
+            _, old = self._videos.popitem(last=False)
+            self.nbytes -= _nbytes(next(iter(old.values())))
+        if size <= self.max_bytes:
+            self._videos[video] = prompts
+            self.nbytes += size
+
+
+def _nbytes(prompt: RolloutPrompt) -> int:
+    """Host memory of a prompt's video: its patches and the decoded frames (vLLM's input)."""
+    tensors = [prompt.video.pixel_values_videos] + ([prompt.frames.frames] if prompt.frames is not None else [])
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def grounding_item(sample: Sample, prompt: RolloutPrompt, max_prompt_tokens: int) -> GroundingPrompt:
+    """``prompt`` with ``sample``'s ground truth; ConfigError when it is longer than ``max_prompt_tokens``."""
+    if len(prompt.input_ids) > max_prompt_tokens:
+        raise ConfigError(f"the prompt of sample {sample.id} has {len(prompt.input_ids)} tokens, more than "
+                          f"data.max_prompt_tokens={max_prompt_tokens}; raise it or lower "
+                          f"data.video.total_pixels / max_frames")
+    return GroundingPrompt(prompt=prompt, gt=sample.gt, duration=sample.duration, query=sample.query)
+
+
 def grounding_prompt(sample: Sample, cfg: TrainConfig, tokenizer, hf_config, think: bool | None = None
                      ) -> GroundingPrompt:
     """Decode ``sample``'s frames with ``cfg.data.video``'s budget and build its prompt (``think`` defaults
     to ``cfg.algorithm.think``). ConfigError when it is longer than ``data.max_prompt_tokens``."""
     prompt = sample_prompt(sample, tokenizer, hf_config, cfg.data.video,
                            cfg.algorithm.think if think is None else think)
-    _check_length(prompt.input_ids, sample.id, cfg)
-    return GroundingPrompt(prompt=prompt, gt=sample.gt, duration=sample.duration, query=sample.query)
+    return grounding_item(sample, prompt, cfg.data.max_prompt_tokens)
 
 
 def prompt_in_mode(prompt: RolloutPrompt, query: str, tokenizer, think: bool) -> RolloutPrompt:
-    """``prompt`` (of ``query``) with the ``think`` (or answer-only) text: the same frames and patches."""
+    """``prompt``'s frames and patches with the text of ``query`` in the ``think`` (or answer-only) mode."""
     from megatron_tr1.data.prompt import encode_prompt
 
     ids = encode_prompt(tokenizer, query, prompt.video, think)["input_ids"][0].tolist()
     return dataclasses.replace(prompt, input_ids=ids)
-
-
-def in_mode(item: GroundingPrompt, sample_id: str, cfg: TrainConfig, tokenizer, think: bool) -> GroundingPrompt:
-    """``item`` with the ``think`` (or answer-only) prompt text: the same frames and patches, no second decode."""
-    prompt = prompt_in_mode(item.prompt, item.query, tokenizer, think)
-    _check_length(prompt.input_ids, sample_id, cfg)
-    return dataclasses.replace(item, prompt=prompt)
-
-
-def _check_length(input_ids: list[int], sample_id: str, cfg: TrainConfig) -> None:
-    if len(input_ids) > cfg.data.max_prompt_tokens:
-        raise ConfigError(f"the prompt of sample {sample_id} has {len(input_ids)} tokens, more than "
-                          f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}; raise it or lower "
-                          f"data.video.total_pixels / max_frames")
 
 
 def model_batch(seqs: Sequence[TokenSequence], prompts: Sequence[RolloutPrompt], hf_config,

@@ -1,9 +1,8 @@
 """Greedy evaluation inside ``tr1 train``: each stage's final weights on the test and ood splits, and (with
 ``eval.every``) the current weights on the test split during training.
 
-The engine holds the weights to evaluate (the trainer syncs them first). Frames are decoded once per sample: the
-predictor of the other prompt mode (think / no think) reuses them, and every later evaluation reuses the prompts
-(``EnginePredictor`` caches them).
+The engine holds the weights to evaluate (the trainer syncs them first). Both prompt modes' predictors share the
+trainer's ``rl.prompts.PromptCache``: a video is decoded once while it is kept, for every stage and mode.
 """
 from __future__ import annotations
 
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from megatron_tr1.data.annotations import Sample
 from megatron_tr1.rl.config import TrainConfig
+from megatron_tr1.rl.prompts import PromptCache
 
 METRICS = ("mIoU", "R@0.3", "R@0.5", "R@0.7")
 
@@ -19,9 +19,8 @@ class StageEvaluator:
     """Evaluates the ``engine``'s weights on ``samples["test"]`` / ``samples["ood"]`` (``eval.max_samples``
     each); does nothing where the engine is None (ranks that do not hold it)."""
 
-    def __init__(self, cfg: TrainConfig, engine, tokenizer, hf_config, samples: dict[str, list[Sample]]):
-        self.cfg, self.engine, self.tokenizer, self.hf_config = cfg, engine, tokenizer, hf_config
-        self.samples = samples
+    def __init__(self, cfg: TrainConfig, engine, samples: dict[str, list[Sample]], cache: PromptCache):
+        self.cfg, self.engine, self.samples, self.cache = cfg, engine, samples, cache
         self._predictors: dict[bool, object] = {}  # think -> EnginePredictor
 
     def samples_of(self, split: str) -> list[Sample]:
@@ -32,9 +31,8 @@ class StageEvaluator:
         from megatron_tr1.eval.model_predictor import EnginePredictor
 
         if think not in self._predictors:
-            self._predictors[think] = EnginePredictor(
-                self.engine, self.tokenizer, self.hf_config, self.cfg.data.video, think=think,
-                max_tokens=self.cfg.rollout.max_tokens, frames_from=self._predictors.get(not think))
+            self._predictors[think] = EnginePredictor(self.engine, self.cache, think=think,
+                                                      max_tokens=self.cfg.rollout.max_tokens)
         predictor = self._predictors[think]
         predictor.progress = progress
         return predictor

@@ -40,7 +40,7 @@ from megatron_tr1.rl.checkpoint import CheckpointManager, TrainState, capture_rn
 from megatron_tr1.rl.config import STAGES, TrainConfig
 from megatron_tr1.rl.guards import NanGuard
 from megatron_tr1.rl.logger import MetricsLogger, ProgressBar
-from megatron_tr1.rl.prompts import GroundingPrompt
+from megatron_tr1.rl.prompts import GroundingPrompt, PromptCache, grounding_item
 from megatron_tr1.rl.sampler import PromptSampler, shard
 from megatron_tr1.rl.stage_eval import StageEvaluator
 from megatron_tr1.rl.update import unwrap
@@ -139,24 +139,17 @@ class Trainer:
             self.engine = make_engine(cfg.rollout.engine, self.hf_config, self.tokenizer, **kwargs)
         # what every rank of the group samples from; its dtype (the same on every rank) is the sync's
         self.group_engine = GroupEngine(self.engine, group, dtype)
-        self.evaluator = StageEvaluator(cfg, self.engine, self.tokenizer, self.hf_config, samples)
-        self._prompts: dict[tuple[str, bool], list[GroundingPrompt | None]] = {}
+        # one cache of decoded videos for training and evaluation
+        self.prompt_cache = PromptCache(self.tokenizer, self.hf_config, cfg.data.video, cfg.data.cache_gb)
+        self.evaluator = StageEvaluator(cfg, self.engine, samples, self.prompt_cache)
 
     # ---------------------------------------------------------------- data
     def prompts(self, split: str, indices: list[int], think: bool) -> list[GroundingPrompt]:
-        """Grounding prompts of ``split``'s samples ``indices`` (frames decoded once per sample; the other
-        prompt mode reuses them)."""
-        from megatron_tr1.rl.prompts import grounding_prompt, in_mode
-
-        cache = self._prompts.setdefault((split, think), [None] * len(self.samples[split]))
-        other = self._prompts.get((split, not think))
-        for i in indices:
-            if cache[i] is None:
-                sample = self.samples[split][i]
-                cache[i] = in_mode(other[i], sample.id, self.cfg, self.tokenizer, think) \
-                    if other is not None and other[i] is not None else \
-                    grounding_prompt(sample, self.cfg, self.tokenizer, self.hf_config, think)
-        return [cache[i] for i in indices]
+        """Grounding prompts of ``split``'s samples ``indices`` (``self.prompt_cache``: a video is decoded once
+        while it is kept; the other prompt mode and other queries on it reuse its frames)."""
+        samples = [self.samples[split][i] for i in indices]
+        return [grounding_item(s, p, self.cfg.data.max_prompt_tokens)
+                for s, p in zip(samples, self.prompt_cache(samples, think))]
 
     def base_items(self, indices: list[int], step: int, think: bool) -> list[GroundingPrompt]:
         """Base-stage items: train videos whose answer is a random span (``random_span``), not the label."""

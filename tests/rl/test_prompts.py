@@ -1,48 +1,96 @@
-"""Grounding prompts: switching a decoded prompt to the other mode equals building it in that mode."""
+"""Grounding prompts: the cache decodes a video once, its other prompts equal building them directly, and it
+stays within its memory bound."""
+import dataclasses
+
 import pytest
 import torch
 
 from megatron_tr1.data import synthetic
 from megatron_tr1.data.dataset import load_data_config, load_samples
 from megatron_tr1.errors import ConfigError
-from megatron_tr1.rl.config import DataSection, TrainConfig, VideoBudget
-from megatron_tr1.rl.prompts import grounding_prompt, in_mode
+from megatron_tr1.rl import prompts as prompts_module
+from megatron_tr1.rl.config import TrainConfig, VideoBudget
+from megatron_tr1.rl.prompts import PromptCache, grounding_item, grounding_prompt
 from megatron_tr1.testing.tiny_model import tiny_hf_config
 from megatron_tr1.testing.tiny_tokenizer import build_tiny_tokenizer
 
+VIDEO = VideoBudget(max_frames=4)
+SAMPLE_PROMPT = prompts_module.sample_prompt  # the real one (the ``decodes`` fixture wraps it)
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    synthetic.generate(out, 3, num_test=0, num_ood=0, size=56, progress=False)
+    return load_samples(load_data_config(f"{out}/train.yaml")).samples
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """The videos ``sample_prompt`` decodes, in order."""
+    calls, real = [], prompts_module.sample_prompt
+    monkeypatch.setattr(prompts_module, "sample_prompt", lambda *a: calls.append(a[0].video) or real(*a))
+    return calls
+
+
+def direct(sample, think):
+    return SAMPLE_PROMPT(sample, build_tiny_tokenizer(), tiny_hf_config(), VIDEO, think)
+
 
 @pytest.mark.parametrize("think", [True, False])
-def test_in_mode_equals_building_in_that_mode(tmp_path, think):
-    synthetic.generate(tmp_path, 1, num_test=0, num_ood=0, size=56, progress=False)
-    sample = load_samples(load_data_config(f"{tmp_path}/train.yaml")).samples[0]
-    cfg, tokenizer, hf = TrainConfig(data=DataSection(video=VideoBudget(max_frames=4))), build_tiny_tokenizer(), \
-        tiny_hf_config()
-    direct = grounding_prompt(sample, cfg, tokenizer, hf, think)
-    switched = in_mode(grounding_prompt(sample, cfg, tokenizer, hf, not think), sample.id, cfg, tokenizer, think)
-    assert switched.prompt.input_ids == direct.prompt.input_ids
-    assert switched.prompt.input_ids != grounding_prompt(sample, cfg, tokenizer, hf, not think).prompt.input_ids
-    assert torch.equal(switched.prompt.video.pixel_values_videos, direct.prompt.video.pixel_values_videos)
-    assert (switched.gt, switched.duration, switched.query) == (direct.gt, direct.duration, direct.query)
-    cfg.data.max_prompt_tokens = len(direct.prompt.input_ids) - 1
-    with pytest.raises(ConfigError, match=f"sample {sample.id}.*data.max_prompt_tokens"):
-        in_mode(switched, sample.id, cfg, tokenizer, think)
+def test_cache_decodes_a_video_once_and_its_other_prompts_equal_building_them_directly(samples, decodes, think):
+    cache = PromptCache(build_tiny_tokenizer(), tiny_hf_config(), VIDEO)
+    first = cache(samples[:1], not think)[0]
+    # the other mode, and another query on the same video (as Charades-STA has), reuse its frames
+    other_query = dataclasses.replace(samples[0], query="the blue square moves", id="other")
+    got = cache([samples[0], other_query, samples[1]], think)
+    assert decodes == [samples[0].video, samples[1].video] and cache.decodes == 2
+    assert got[0].video is first.video and got[1].video is first.video
+    for prompt, sample in zip(got, [samples[0], other_query, samples[1]]):
+        assert prompt.input_ids == direct(sample, think).input_ids
+    assert got[0].input_ids != first.input_ids != got[1].input_ids
+    assert torch.equal(got[1].video.pixel_values_videos, direct(other_query, think).video.pixel_values_videos)
+    assert cache([samples[0]], think)[0] is got[0]  # kept, not rebuilt
 
 
-def test_eval_predictor_of_the_other_mode_reuses_the_decoded_frames(tmp_path, monkeypatch):
-    from megatron_tr1.eval import model_predictor
+def test_cache_evicts_the_least_recently_used_video_beyond_its_bound(samples, decodes):
+    size = prompts_module._nbytes(direct(samples[0], True))
+    cache = PromptCache(build_tiny_tokenizer(), tiny_hf_config(), VIDEO, max_gb=2.5 * size / 2**30)
+    cache(samples[:2], True)
+    cache(samples[:1], False)  # touches video 0: video 1 is now the least recently used
+    cache(samples[2:], True)  # a third does not fit: video 1 goes
+    assert cache.nbytes == 2 * size <= cache.max_bytes
+    cache(samples[:1], True)
+    assert decodes == [s.video for s in samples]  # video 0 was kept
+    cache(samples[1:2], True)
+    assert decodes[-1] == samples[1].video and cache.decodes == 4
+    none = PromptCache(build_tiny_tokenizer(), tiny_hf_config(), VIDEO, max_gb=0)
+    assert none(samples[:1], True)[0].input_ids == direct(samples[0], True).input_ids and none.nbytes == 0
+
+
+def test_prompt_longer_than_the_limit_names_the_sample_and_field(samples):
+    cfg = TrainConfig()
+    cfg.data.video = VIDEO
+    item = grounding_prompt(samples[0], cfg, build_tiny_tokenizer(), tiny_hf_config(), think=True)
+    assert (item.gt, item.duration, item.query) == (samples[0].gt, samples[0].duration, samples[0].query)
+    limit = len(item.prompt.input_ids) - 1
+    with pytest.raises(ConfigError, match=f"sample {samples[0].id}.*data.max_prompt_tokens={limit}"):
+        grounding_item(samples[0], item.prompt, limit)
+
+
+def test_eval_predictor_takes_prompts_from_the_cache_a_batch_at_a_time(samples, decodes):
     from megatron_tr1.eval.model_predictor import EnginePredictor
 
-    synthetic.generate(tmp_path, 2, num_test=0, num_ood=0, size=56, progress=False)
-    samples = load_samples(load_data_config(f"{tmp_path}/train.yaml")).samples
-    tokenizer, hf, video = build_tiny_tokenizer(), tiny_hf_config(), VideoBudget(max_frames=4)
-    think = EnginePredictor(None, tokenizer, hf, video, think=True)
-    direct = EnginePredictor(None, tokenizer, hf, video, think=False).prompts(samples)
-    decoded = think.prompts(samples[:1])
-    calls = []
-    real = model_predictor.sample_prompt
-    monkeypatch.setattr(model_predictor, "sample_prompt", lambda *a: calls.append(a[0].id) or real(*a))
-    reused = EnginePredictor(None, tokenizer, hf, video, think=False, frames_from=think).prompts(samples)
-    assert calls == [samples[1].id]  # only the sample the think predictor had not decoded
-    assert [p.input_ids for p in reused] == [p.input_ids for p in direct] != [decoded[0].input_ids] * 2
-    assert reused[0].video is decoded[0].video
-    assert torch.equal(reused[1].video.pixel_values_videos, direct[1].video.pixel_values_videos)
+    seen = []
+
+    class Engine:
+        def generate(self, prompts, n, sampling):
+            seen.append([p.input_ids for p in prompts])
+            return [[type("R", (), {"text": f"answer {len(seen)}"})()] for _ in prompts]
+
+    cache = PromptCache(build_tiny_tokenizer(), tiny_hf_config(), VIDEO)
+    cache(samples[:1], True)
+    texts = EnginePredictor(Engine(), cache, think=False, batch_size=2, progress=False).predict(samples)
+    assert texts == ["answer 1", "answer 1", "answer 2"]
+    assert seen == [[direct(s, False).input_ids for s in samples[:2]], [direct(samples[2], False).input_ids]]
+    assert decodes == [s.video for s in samples]  # the think prompt's frames were reused
