@@ -4,7 +4,9 @@ A predictor maps samples to raw answer texts (``Predictor.predict``); the texts 
 default, or lmms-eval's offline parser) and scored against the ground truth in seconds. A model (``--model DIR``:
 ``eval.model_predictor``, greedy decoding through the rollout engine, ``--no-think`` for answer-only prompts) or a
 trivial baseline answering a fixed fraction of each video: ``full`` (the whole video), ``center`` (the middle
-half) and ``best-fixed`` (the span maximising mIoU on ``--fit-data``, found on a grid). ``--out DIR`` writes ``predictions.jsonl`` (one line per sample), ``submission.json`` (lmms-eval's
+half) and ``best-fixed`` (the span maximising mIoU on ``--fit-data``, found on a grid); or ``frame-oracle``, the
+ceiling of the frame budget (``eval.frame_oracle``). ``--out DIR`` writes ``predictions.jsonl`` (one line per
+sample), ``submission.json`` (lmms-eval's
 ``temporal_grounding`` layout: ``"video>>>query>>>[start, end]": raw answer``, readable by its ``eval_tvg.py``)
 and ``metrics.json``.
 """
@@ -134,14 +136,15 @@ def add_arguments(parser) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="an HF Qwen2.5-VL folder, or a tr1 Megatron checkpoint folder (e.g. "
                                       "RUN/stages/grpo/model): greedy decoding through the rollout engine")
-    what.add_argument("--baseline", choices=[*FIXED_SPANS, "best-fixed"],
-                      help="full: whole video; center: middle half; best-fixed: span fitted on --fit-data")
+    what.add_argument("--baseline", choices=[*FIXED_SPANS, "best-fixed", "frame-oracle"],
+                      help="full: whole video; center: middle half; best-fixed: span fitted on --fit-data; "
+                           "frame-oracle: told which sampled frames show the event (the frame budget's ceiling)")
     parser.add_argument("--no-think", action="store_true", help="prompt for the answer only (no <think>)")
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout engine for --model")
     parser.add_argument("--max-tokens", type=int, default=1024, help="response budget for --model")
     parser.add_argument("--train-config", help="train config YAML whose data.video frame budget to use for --model "
-                                               "(default: the run's config.yaml next to a trained model, else "
-                                               "Temporal-R1's: 2 fps, up to 2048 visual tokens)")
+                                               "or frame-oracle (default: the run's config.yaml next to a trained "
+                                               "model, else Temporal-R1's: 2 fps, up to 2048 visual tokens)")
     parser.add_argument("--fit-data", help="data config YAML the best-fixed span is fitted on (e.g. the train split)")
     parser.add_argument("--parser", choices=list(PARSERS), default="answer",
                         help="answer: <answer> JSON or 's - e' (default); lmms-eval: its offline free-text parser")
@@ -151,12 +154,12 @@ def add_arguments(parser) -> None:
 
 
 def video_budget(args):
-    """The frame budget for ``--model``: ``--train-config``'s, the run's ``config.yaml`` beside the model
-    folder (``RUN/stages/<stage>/config.yaml``), or Temporal-R1's."""
+    """The frame budget for ``--model`` or ``frame-oracle``: ``--train-config``'s, the run's ``config.yaml``
+    beside the model folder (``RUN/stages/<stage>/config.yaml``), or Temporal-R1's."""
     from megatron_tr1.rl.config import VideoBudget, load_train_config
 
     config = args.train_config
-    if config is None and (Path(args.model).parent / "config.yaml").is_file():
+    if config is None and args.model and (Path(args.model).parent / "config.yaml").is_file():
         config = Path(args.model).parent / "config.yaml"
     if config is not None:
         return load_train_config(config).data.video
@@ -181,6 +184,11 @@ def build_predictor(args) -> tuple[Predictor, dict]:
     if (args.baseline == "best-fixed") != bool(args.fit_data):
         raise ConfigError("--fit-data CONFIG is needed by --baseline best-fixed and only by it "
                           "(e.g. --baseline best-fixed --fit-data runs/synthetic/train.yaml)")
+    if args.baseline == "frame-oracle":
+        from megatron_tr1.eval.frame_oracle import FrameOraclePredictor
+
+        budget = video_budget(args)
+        return FrameOraclePredictor(budget), {"video": dataclasses.asdict(budget)}
     if args.baseline != "best-fixed":
         return FixedSpanPredictor(args.baseline, *FIXED_SPANS[args.baseline]), {}
     lo, hi, fit_miou = fit_fixed_span(_samples(args.fit_data, args.seed, not args.lenient))
