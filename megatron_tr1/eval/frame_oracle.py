@@ -5,7 +5,7 @@ The oracle is told, for each sample, which of the frames the budget samples (``d
 duration, and nothing else. It answers the span between the midpoints to the neighbouring sampled frames (the
 video's ends at the edges); when no sampled frame shows the event it answers the gap between the two sampled
 frames around it. A model that sees only those frames cannot, on average, do better than this, so a model's mIoU
-reads against it: e.g. the demo's 8 frames cap the synthetic test split near 71 mIoU, 16 frames near 85.
+reads against it: e.g. the demo's 8 frames cap its synthetic test split at 73.8 mIoU, 16 frames at 83.7.
 It reads each video's frame count and rate (``probe_video``), never its pixels.
 """
 from __future__ import annotations

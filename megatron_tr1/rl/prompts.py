@@ -75,12 +75,13 @@ class PromptCache:
 
     def _keep(self, video: str, prompts: dict) -> None:
         size = _nbytes(next(iter(prompts.values())))
-        while self._videos and self.nbytes + size > self.max_bytes:
+        if size > self.max_bytes:  # never kept: keep what is there
+            return
+        while self.nbytes + size > self.max_bytes:
             _, old = self._videos.popitem(last=False)
             self.nbytes -= _nbytes(next(iter(old.values())))
-        if size <= self.max_bytes:
-            self._videos[video] = prompts
-            self.nbytes += size
+        self._videos[video] = prompts
+        self.nbytes += size
 
 
 def _nbytes(prompt: RolloutPrompt) -> int:

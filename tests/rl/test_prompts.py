@@ -64,6 +64,11 @@ def test_cache_evicts_the_least_recently_used_video_beyond_its_bound(samples, de
     assert decodes == [s.video for s in samples]  # video 0 was kept
     cache(samples[1:2], True)
     assert decodes[-1] == samples[1].video and cache.decodes == 4
+    small = PromptCache(build_tiny_tokenizer(), tiny_hf_config(), VIDEO, max_gb=1.5 * size / 2**30)
+    small(samples[:1], True)
+    small.max_bytes = size - 1  # a video larger than the bound is not kept, and evicts nothing
+    small(samples[1:2], True)
+    assert list(small._videos) == [str(samples[0].video)] and small.nbytes == size
     none = PromptCache(build_tiny_tokenizer(), tiny_hf_config(), VIDEO, max_gb=0)
     assert none(samples[:1], True)[0].input_ids == direct(samples[0], True).input_ids and none.nbytes == 0
 
