@@ -6,7 +6,7 @@ duration, and nothing else. It answers the span between the midpoints to the nei
 video's ends at the edges); when no sampled frame shows the event it answers the gap between the two sampled
 frames around it. A model that sees only those frames cannot, on average, do better than this, so a model's mIoU
 reads against it: e.g. the demo's 8 frames cap its synthetic test split at 73.8 mIoU, 16 frames at 83.7.
-It reads each video's frame count and rate (``probe_video``), never its pixels.
+It reads each video's frame count and rate (``probe_video``, once per video), never its pixels.
 """
 from __future__ import annotations
 
@@ -37,9 +37,11 @@ class FrameOraclePredictor:
         self.video = video
 
     def predict(self, samples: Sequence[Sample]) -> list[str]:
-        texts = []
+        texts, infos = [], {}  # a video probed once for all its queries
         for s in samples:
-            info = probe_video(s.video)
+            if s.video not in infos:
+                infos[s.video] = probe_video(s.video)
+            info = infos[s.video]
             n = smart_nframes(info.total_frames, info.video_fps, fps=self.video.fps,
                               min_frames=self.video.min_frames, max_frames=self.video.max_frames)
             times = frame_indices(info.total_frames, n).double() / info.video_fps

@@ -66,21 +66,21 @@ class PromptCache:
         if prompts is None:
             prompt = sample_prompt(sample, self.tokenizer, self.hf_config, self.video, think)
             self.decodes += 1
-            self._keep(str(sample.video), {key: prompt})
+            self._keep(str(sample.video), key, prompt)
             return prompt
         self._videos.move_to_end(str(sample.video))
         if key not in prompts:
             prompts[key] = prompt_in_mode(next(iter(prompts.values())), sample.query, self.tokenizer, think)
         return prompts[key]
 
-    def _keep(self, video: str, prompts: dict) -> None:
-        size = _nbytes(next(iter(prompts.values())))
+    def _keep(self, video: str, key: tuple[str, bool], prompt: RolloutPrompt) -> None:
+        size = _nbytes(prompt)
         if size > self.max_bytes:  # never kept: keep what is there
             return
         while self.nbytes + size > self.max_bytes:
             _, old = self._videos.popitem(last=False)
-            self.nbytes -= _nbytes(next(iter(old.values())))
-        self._videos[video] = prompts
+            self.nbytes -= _nbytes(next(iter(old.values())))  # a video's prompts share its patches and frames
+        self._videos[video] = {key: prompt}
         self.nbytes += size
 
 
