@@ -278,11 +278,17 @@ def _dali_importable() -> bool:
     return True
 
 
-def _rgb_tensor(frame) -> torch.Tensor:
+_THREADED_PIXELS = 1 << 24  # decoded pixels above which PyAV decodes with frame threads
+
+
+def _rgb_tensor(frame, reformatter) -> torch.Tensor:
+    """``frame`` as RGB, uint8 ``[3, H, W]``. One ``VideoReformatter`` per video keeps its swscale context: a fresh
+    one per frame (``frame.reformat``) costs 7x as much (1.8 vs 0.27 ms for 112x112), the same pixels."""
     import av
 
     flags = av.video.reformatter.Interpolation
-    rgb = frame.reformat(format="rgb24", interpolation=flags.BILINEAR | flags.FULL_CHR_H_INT | flags.ACCURATE_RND)
+    rgb = reformatter.reformat(frame, format="rgb24",
+                               interpolation=flags.BILINEAR | flags.FULL_CHR_H_INT | flags.ACCURATE_RND)
     return torch.from_numpy(rgb.to_ndarray()).permute(2, 0, 1)
 
 
@@ -304,10 +310,12 @@ def _decode_pyav(path: Path, indices: list[int], size_of) -> torch.Tensor:
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            if (stream.frames or 1 << 20) * stream.codec_context.width * stream.codec_context.height >= _THREADED_PIXELS:
+                stream.thread_type = "AUTO"  # frame threads pay off on long videos; on a 4 s clip they double the cost
+            reformatter = av.video.reformatter.VideoReformatter()
             for decoded, frame in enumerate(container.decode(stream), start=1):
                 if decoded - 1 in wanted:
-                    picked[decoded - 1] = _rgb_tensor(frame)
+                    picked[decoded - 1] = _rgb_tensor(frame, reformatter)
                     pending.append(decoded - 1)
                     if len(pending) == _RESIZE_CHUNK:
                         flush()

@@ -55,7 +55,7 @@ class ModelConfig:
 
     hf_dir: str | None = None  # HF Qwen2.5-VL folder; None builds ``tiny`` (the demo)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    freeze_vision: bool = False
+    freeze_vision: bool = True  # the demo's tiny tower (random init) learns nothing useful; real recipes say false
     freeze_merger: bool = False
     freeze_llm: bool = False
     dtype: Literal["fp32", "bf16"] = "fp32"
@@ -96,12 +96,16 @@ class SyntheticConfig:
     num: int = 512
     num_test: int = 128
     num_ood: int = 128
+    num_pretrain: int = 4096  # other event kinds, for the base stage (0: the base stage learns the format only)
     seed: int = 0
     size: int = 112
+    duration: list[float] = field(default_factory=lambda: [4.0, 4.0])  # video length range, seconds
 
     def __post_init__(self):
         _positive(self, "num", "size")
-        _positive(self, "num_test", "num_ood", allow_zero=True)
+        _positive(self, "num_test", "num_ood", "num_pretrain", allow_zero=True)
+        if len(self.duration) != 2 or not 1 <= self.duration[0] <= self.duration[1]:
+            raise ConfigError(f"duration={self.duration} must be [LOW, HIGH] seconds with 1 <= LOW <= HIGH")
 
 
 @dataclass
@@ -111,6 +115,7 @@ class DataSection:
     train: str | None = None  # None: the synthetic data below
     test: str | None = None
     ood: str | None = None
+    pretrain: str | None = None  # the base stage's grounding data (other events); None: random-span answers
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     video: VideoBudget = field(default_factory=VideoBudget)
     max_prompt_tokens: int = 512
@@ -222,6 +227,7 @@ class StageConfig:
     steps: int = 0  # 0: derived from episodes
     episodes: float = 0.0
     lr: float | None = None  # None: optim.lr
+    schedule: Literal["constant", "cosine", "linear"] | None = None  # None: optim.schedule
     global_batch_size: int | None = None  # None: optim.global_batch_size
     think: bool | None = None  # prompt with <think> (None: algorithm.think; grpo_no_think is always False)
 
@@ -241,13 +247,14 @@ class StageConfig:
 
 @dataclass
 class StagesConfig:
-    """The demo's protocol: base pretraining (format only, no grounding labels), then SFT and GRPO from base.
+    """The demo's protocol: base pretraining (grounding of other event kinds, the ``pretrain`` split; never the
+    train split's labels), then SFT and GRPO from base.
 
     ``grpo`` prompts with ``algorithm.think`` and its reward; ``grpo_no_think`` always without think, with
     ``algorithm.reward_no_think``. A real run disables all but the stage it wants.
     """
 
-    base: StageConfig = field(default_factory=lambda: StageConfig(steps=200, lr=3e-3, global_batch_size=32))
+    base: StageConfig = field(default_factory=lambda: StageConfig(steps=1600, lr=3e-3, global_batch_size=32))
     sft: StageConfig = field(default_factory=lambda: StageConfig(steps=400, lr=3e-3, global_batch_size=32,
                                                                  think=False))
     grpo: StageConfig = field(default_factory=lambda: StageConfig(steps=160, lr=5e-4))
@@ -353,14 +360,14 @@ def check_layout(cfg: TrainConfig, world_size: int) -> int:
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults <- YAML <- overrides. ``data.train/test/ood`` relative to the YAML's folder are made absolute
+    """Defaults <- YAML <- overrides. ``data.train/test/ood/pretrain`` relative to the YAML's folder are made absolute
     (as data configs resolve their own paths); ``run_dir``, ``model.hf_dir`` and ``checkpoint.dir`` stay relative
     to the working directory."""
     cfg = load_config(TrainConfig, path, overrides)
     if path is not None:
         base = Path(path).resolve().parent
         data = cfg.data
-        for name in ("train", "test", "ood"):
+        for name in ("train", "test", "ood", "pretrain"):
             value = getattr(data, name)
             if value is not None and not Path(value).is_absolute():
                 setattr(data, name, str(base / value))

@@ -51,19 +51,22 @@ def build_config(args) -> TrainConfig:
 
 
 def prepare_data(cfg: TrainConfig, run_dir: Path) -> dict[str, list]:
-    """The train / test / ood samples: ``data.*`` configs, or synthetic data written to ``RUN_DIR/data``."""
+    """The train / test / ood / pretrain samples: ``data.*`` configs, or synthetic data written to
+    ``RUN_DIR/data``."""
     from megatron_tr1.data import synthetic
     from megatron_tr1.data.dataset import load_data_config, load_samples
 
-    paths = {"train": cfg.data.train, "test": cfg.data.test, "ood": cfg.data.ood}
+    paths = {"train": cfg.data.train, "test": cfg.data.test, "ood": cfg.data.ood, "pretrain": cfg.data.pretrain}
     if cfg.data.train is None:
         folder, s = run_dir / "data", cfg.data.synthetic
         if _rank0() and not (folder / "meta.json").is_file():
             synthetic.generate(folder, s.num, seed=s.seed, size=s.size, num_test=s.num_test, num_ood=s.num_ood,
+                               num_pretrain=s.num_pretrain, duration=tuple(s.duration),
                                progress=cfg.logging.progress)
         _barrier()
         paths = {split: str(folder / f"{split}.yaml") if n else None
-                 for split, n in (("train", s.num), ("test", s.num_test), ("ood", s.num_ood))}
+                 for split, n in (("train", s.num), ("test", s.num_test), ("ood", s.num_ood),
+                                  ("pretrain", s.num_pretrain))}
     samples = {}
     for split, path in paths.items():
         if path is not None:

@@ -2,9 +2,10 @@
 
 A run (``RUN_DIR``) executes the enabled stages of ``cfg.stages`` in order ``base, sft, grpo, grpo_no_think``:
 
-- ``base``: pretraining on related video-text work without the grounding labels - the train videos with
-  answers in the task's format whose spans are drawn at random inside the video (``random_span``), half of
-  them with the think template. It teaches the format, not where events are.
+- ``base``: pretraining on related video-text work without the train split's grounding labels, half of it with
+  the think template: grounding on the ``pretrain`` split (other event kinds, their own labels) when the data
+  have one - the demo's do, as a real VLM is pretrained on other grounding data - else the train videos with
+  spans drawn at random inside the video (``random_span``), which teaches the format only.
 - ``sft``: cross-entropy on the ground-truth answers (``rl.sft``); ``grpo`` / ``grpo_no_think``: ``rl.grpo``.
   Each starts from the base stage's final weights when ``base`` ran, else from ``model.hf_dir``.
 
@@ -151,8 +152,18 @@ class Trainer:
         return [grounding_item(s, p, self.cfg.data.max_prompt_tokens)
                 for s, p in zip(samples, self.prompt_cache(samples, think))]
 
+    def base_split(self) -> str:
+        """What the base stage trains on: ``pretrain`` (with its labels) when the data have it, else ``train``."""
+        return "pretrain" if self.samples.get("pretrain") else "train"
+
+    def stage_split(self, stage: str) -> str:
+        return self.base_split() if stage == "base" else "train"
+
     def base_items(self, indices: list[int], step: int, think: bool) -> list[GroundingPrompt]:
-        """Base-stage items: train videos whose answer is a random span (``random_span``), not the label."""
+        """Base-stage items: ``pretrain`` samples with their labels, or train videos whose answer is a random
+        span (``random_span``), not the label."""
+        if self.base_split() == "pretrain":
+            return self.prompts("pretrain", indices, think)
         items = self.prompts("train", indices, think)
         return [dataclasses.replace(item, gt=random_span(self.samples["train"][i],
                                                          self.cfg.seed * 1_000_003 + step * 4099 + k))
@@ -202,7 +213,7 @@ class Trainer:
         think = self.stage_think(stage)
         out = self.stage_dir(stage)
         per_step = cfg.rollout.prompts_per_step if grpo else cfg.stage_batch(stage)
-        total = sc.total_steps(len(self.samples["train"]), per_step)
+        total = sc.total_steps(len(self.samples[self.stage_split(stage)]), per_step)
         lr = sc.lr or cfg.optim.lr
         model = policy_io.build_policy(self.hf_config, cfg.model)
         policy_io.load_weights(model, self.init_source(stage))
@@ -224,7 +235,8 @@ class Trainer:
         elif manager.complete():
             raise CheckpointError(f"{manager.root} already has checkpoints ({manager.latest().name}); pass "
                                   f"--resume auto to continue that run, or choose another --run-dir")
-        sampler = PromptSampler(len(self.samples["train"]), cfg.seed, cfg.data.shuffle, state.epoch, state.index)
+        sampler = PromptSampler(len(self.samples[self.stage_split(stage)]), cfg.seed, cfg.data.shuffle, state.epoch,
+                                state.index)
         if grpo:
             sync_weights(unwrap(policy), self.hf_config, self.engine, dtype=self.group_engine.dtype)
         logger = MetricsLogger(out, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
@@ -237,7 +249,7 @@ class Trainer:
         try:
             while state.step < total:
                 step_lr = lr_at(state.step, total, lr, cfg.optim.min_lr * lr / cfg.optim.lr,
-                                cfg.optim.warmup_steps, cfg.optim.schedule)
+                                cfg.optim.warmup_steps, sc.schedule or cfg.optim.schedule)
                 for group in optimizer.param_groups:
                     group["lr"] = step_lr * group.get("lr_mult", 1.0)
                 start = time.perf_counter()

@@ -25,7 +25,7 @@ def test_oracle_span(start, end, expected):
 
 def test_frame_oracle_ceiling_rises_with_the_frame_budget_and_beats_fixed_spans(tmp_path):
     data = tmp_path / "data"
-    generate(data, num=4, num_test=24, num_ood=0, seed=0, size=32, progress=False)
+    generate(data, num=4, num_test=24, num_ood=0, seed=0, size=32, duration=(4, 16), progress=False)  # 8-32 frames
     scores = {}
     for frames in (4, 16):
         config = tmp_path / f"train{frames}.yaml"

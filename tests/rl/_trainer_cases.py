@@ -8,12 +8,14 @@ from pathlib import Path
 from megatron_tr1.rl.config import load_train_config
 
 TINY_RUN = [
-    "data.synthetic.num=8", "data.synthetic.num_test=4", "data.synthetic.num_ood=2", "data.synthetic.size=56",
+    "data.synthetic.num=8", "data.synthetic.num_test=4", "data.synthetic.num_ood=2", "data.synthetic.num_pretrain=4",
+    "data.synthetic.size=56",
     "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=1",
     "model.tiny.vision_hidden_size=32", "model.tiny.vision_heads=2",
     "rollout.n=4", "rollout.prompts_per_step=2", "rollout.max_tokens=12",
     "optim.micro_batch_size=4", "optim.global_batch_size=8", "optim.warmup_steps=2",
     "stages.base.steps=2", "stages.base.global_batch_size=8", "stages.sft.steps=4", "stages.sft.global_batch_size=8",
+    "stages.sft.schedule=linear",
     "stages.grpo.steps=2", "stages.grpo_no_think.enabled=false",
     "logging.progress=false", "logging.tensorboard=false", "logging.plots=false", "checkpoint.keep_last=0",
 ]

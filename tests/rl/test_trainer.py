@@ -1,11 +1,13 @@
 """The training loop: LR schedule, base-stage spans, and tiny end-to-end ``tr1 train`` runs (one gloo rank):
 stopped by SIGUSR1 and resumed twice == uninterrupted; NaN losses skipped then fatal; refusing to overwrite."""
 import math
+from types import SimpleNamespace
 
 import pytest
 
 from megatron_tr1.data.annotations import Sample
-from megatron_tr1.rl.trainer import lr_at, random_span
+from megatron_tr1.rl.prompts import GroundingPrompt
+from megatron_tr1.rl.trainer import Trainer, lr_at, random_span
 from megatron_tr1.testing.multiproc import run_ranks
 
 from tests.rl import _trainer_cases as cases
@@ -25,6 +27,27 @@ def test_random_span_inside_the_video_and_seeded():
     assert random_span(sample, 3) == spans[3] and len(set(spans)) > 150
 
 
+def test_base_stage_trains_on_pretrain_labels_else_random_spans_of_train():
+    def sample(split, i):
+        return Sample(video=f"{split}{i}.mp4", query=split, start=1.0 + i, end=2.0 + i, duration=9.0, dataset=split,
+                      id=f"{split}#{i}")
+
+    def fake(splits):
+        t = SimpleNamespace(cfg=SimpleNamespace(seed=0), samples={s: [sample(s, i) for i in range(3)] for s in splits})
+        t.prompts = lambda split, indices, think: [GroundingPrompt(None, t.samples[split][i].gt, 9.0, split)
+                                                   for i in indices]
+        t.base_split = lambda: Trainer.base_split(t)
+        return t
+
+    with_pretrain = fake(["train", "pretrain"])
+    items = Trainer.base_items(with_pretrain, [2, 0], step=5, think=True)
+    assert [(i.query, i.gt) for i in items] == [("pretrain", (3.0, 4.0)), ("pretrain", (1.0, 2.0))]
+    assert [Trainer.stage_split(with_pretrain, s) for s in ("base", "sft", "grpo")] == ["pretrain", "train", "train"]
+    without = fake(["train"])
+    spans = [i.gt for i in Trainer.base_items(without, [0, 1], step=5, think=False)]
+    assert spans != [(1.0, 2.0), (2.0, 3.0)] and all(0 <= a < b <= 9.0 for a, b in spans)  # random, not the labels
+
+
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
     return run_ranks(cases.resume_case, 1, str(tmp_path_factory.mktemp("resume")), timeout=600)[0]
@@ -36,6 +59,8 @@ def test_stopped_and_resumed_run_equals_uninterrupted(resumed):
     straight, again = resumed["straight"], resumed["resumed"]
     assert set(straight) == {"base", "sft", "grpo", "results"}
     assert [r["step"] for r in again["sft"]] == [1, 2, 3, 4]  # no duplicated or missing records
+    # the stage's own schedule (linear, to 0 at step 4) after 2 warm-up steps; optim.schedule stays constant
+    assert [r["lr"] for r in straight["sft"]] == pytest.approx([1.5e-3, 3e-3, 3e-3, 1.5e-3])
     for stage in ("base", "sft", "grpo"):
         assert again[stage] == straight[stage], stage
     assert again["results"] == straight["results"]
