@@ -18,6 +18,7 @@ write them in parallel with the same result.
 """
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -61,6 +62,7 @@ SPLITS = {
     "pretrain": (3, tuple(LOOKS)),
 }
 DURATION = (4.0, 4.0)  # seconds, every split
+_POOL_MIN_VIDEOS = 256  # with workers=None, fewer videos are written in this process
 
 
 def render(kind: str, num_frames: int, size: int, k0: int, k1: int, rng: np.random.Generator) -> np.ndarray:
@@ -135,8 +137,8 @@ def generate(out: str | Path, num: int, seed: int = 0, codec: str = "h264", size
              progress: bool = True) -> dict[str, int]:
     """Write videos, ``{train,test,ood}.json``, ``{train,test,ood}.yaml``, ``meta.json`` and ``README.txt`` under
     ``out``; ``num_test``/``num_ood`` default to ``max(1, num // 4)``; ``pretrain.*`` only when ``num_pretrain``.
-    ``workers`` processes (default: one per CPU, at most 8) encode the videos. Returns the number of videos per
-    split."""
+    ``workers`` processes (default: one per CPU, at most 8, from 256 videos up) encode the videos. Returns the
+    number of videos per split."""
     if codec not in EXTENSIONS:
         raise ConfigError(f"--codec {codec!r} is not one of {', '.join(EXTENSIONS)}")
     quarter = max(1, num // 4)
@@ -152,17 +154,20 @@ def generate(out: str | Path, num: int, seed: int = 0, codec: str = "h264", size
         raise ConfigError(f"--duration needs 1 <= LOW <= HIGH seconds, got {duration[0]:g} {duration[1]:g}")
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
-    jobs = [(out / "videos", split, i, seed, size, codec, duration) for split, n in counts.items() for i in range(n)]
+    jobs = [(split, i) for split, n in counts.items() for i in range(n)]
     records: dict[str, list[dict]] = {split: [] for split in counts}
-    workers = min(workers or os.cpu_count() or 1, 8, len(jobs))
+    if workers is None:  # a pool's start-up (~1.5 s) outweighs its gain below a few hundred videos
+        workers = (os.cpu_count() or 1) if len(jobs) >= _POOL_MIN_VIDEOS else 1
+    workers = min(workers, 8, len(jobs))
     if multiprocessing.current_process().daemon:  # e.g. a test's rank worker: it may not start processes
         workers = 1
+    write = functools.partial(_write_one, out / "videos", seed, size, codec, duration)
     # spawn, not fork: the caller (the trainer) may already run torch's thread pools
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
-        done = pool.imap(_write_one, jobs, chunksize=16) if pool else map(_write_one, jobs)
-        for (_, split, *_), record in zip(jobs, tqdm(done, total=len(jobs), desc="synthetic videos", unit="video",
-                                                     disable=not progress)):
+        done = pool.imap(write, jobs, chunksize=16) if pool else map(write, jobs)
+        for (split, _), record in zip(jobs, tqdm(done, total=len(jobs), desc="synthetic videos", unit="video",
+                                                 disable=not progress)):
             records[split].append(record)
     finally:
         if pool:
@@ -181,9 +186,10 @@ def generate(out: str | Path, num: int, seed: int = 0, codec: str = "h264", size
     return counts
 
 
-def _write_one(job: tuple) -> dict:
-    """Draw and encode one video; its record with ``video`` set (a pool worker's job)."""
-    folder, split, index, seed, size, codec, duration = job
+def _write_one(folder: Path, seed: int, size: int, codec: str, duration: tuple[float, float],
+               job: tuple[str, int]) -> dict:
+    """Draw and encode video ``job = (split, index)``; its record with ``video`` set (a pool worker's job)."""
+    split, index = job
     record, frames, fps = make_video(split, index, seed, size, duration)
     name = f"{split}_{index:05d}{EXTENSIONS[codec]}"
     write_video(folder / name, frames, fps=fps, codec=codec)
@@ -219,7 +225,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--size", type=int, default=112, help="frame height and width in pixels (even)")
     parser.add_argument("--duration", type=float, nargs=2, default=list(DURATION), metavar=("LOW", "HIGH"),
                         help="video length range in seconds (default 4 4)")
-    parser.add_argument("--workers", type=int, default=None, help="encoding processes (default: one per CPU, <= 8)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="encoding processes (default: one per CPU, <= 8, from 256 videos up)")
 
 
 def main(args) -> int:

@@ -115,7 +115,8 @@ class DataSection:
     train: str | None = None  # None: the synthetic data below
     test: str | None = None
     ood: str | None = None
-    pretrain: str | None = None  # the base stage's grounding data (other events); None: random-span answers
+    pretrain: str | None = None  # the base stage's grounding data (other events); None: synthetic's, if any, else
+    # random-span answers on the train videos
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     video: VideoBudget = field(default_factory=VideoBudget)
     max_prompt_tokens: int = 512
