@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"tr1 {name}", description=help_text)
     module.add_arguments(sub)
-    args = sub.parse_args(rest)
+    try:  # options and positional `section.field=value` overrides in any order
+        args = sub.parse_intermixed_args(rest)
+    except TypeError:  # argparse cannot intermix a parser with sub-commands (`tr1 convert`)
+        args = sub.parse_args(rest)
     try:
         return int(module.main(args) or 0)
     except UserError as e:  # a clear message, no traceback

@@ -23,6 +23,20 @@ def test_unknown_subcommand_is_an_error(capsys):
     assert "unknown subcommand 'nonsense'" in capsys.readouterr().err
 
 
+def test_train_overrides_may_stand_between_options(monkeypatch):
+    """``tr1 train --run-dir D seed=1 --stages base x=y`` (plain argparse stops reading overrides at the second
+    option and rejects the rest as unrecognized)."""
+    from megatron_tr1.rl import train_cli
+
+    seen = {}
+    monkeypatch.setattr(train_cli, "main", lambda args: seen.setdefault("args", args) and 0)
+    assert main(["train", "--run-dir", "d", "seed=1", "--stages", "base", "stages.base.steps=3"]) == 0
+    args = seen["args"]
+    assert (args.run_dir, args.stages, args.overrides) == ("d", "base", ["seed=1", "stages.base.steps=3"])
+    cfg = train_cli.build_config(args)
+    assert (cfg.seed, cfg.stages.base.steps, cfg.stages.sft.enabled) == (1, 3, False)
+
+
 def test_every_subcommand_module_exposes_the_interface():
     import importlib
 
