@@ -13,8 +13,9 @@ positions, and does not learn to, see the README). Splits:
   in-domain kinds in other colours: the demo's base stage learns grounding on these, as a real VLM is pretrained on
   other grounding data before Charades.
 Every video draws its parameters from its own generator seeded by ``(seed, split, index)``, so a seed gives the same
-annotation bytes and the same frames, and adding videos does not change the earlier ones; ``workers`` processes
-write them in parallel with the same result.
+annotation bytes and the same rendered frames, and adding videos does not change the earlier ones; ``workers``
+processes write them in parallel with the same result (the H.264 encoder rounds a few pixels differently now and
+then: ``data.video.write_video``).
 """
 from __future__ import annotations
 

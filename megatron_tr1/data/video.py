@@ -57,7 +57,10 @@ def write_video(path: str | Path, frames, fps: float, codec: str = "h264") -> No
     """Encode RGB frames (uint8 numpy/torch ``[T, H, W, 3]``, H and W even) to ``path`` at ``fps``.
 
     ``codec`` is ``"h264"`` (.mp4/.mkv), ``"vp9"`` (.webm/.mkv) or ``"mjpeg"`` (.avi/.mkv), 4:2:0 chroma.
-    The same frames always give the same bytes.
+    The same frames give the same bytes, except that libx264 (FFmpeg 8 in PyAV 18) now and then rounds a few pixels
+    otherwise: 8 generations of 16 synthetic 64x64 videos gave 4-8 videos with other bytes, decoded up to
+    13 levels apart in up to 10 % of their pixels (mean 0.15). A single x264 thread and zeroed row padding, alone or
+    together, did not remove it.
     """
     import av
 

@@ -2,6 +2,7 @@
 synthetic videos, stopped with a real SIGUSR1 and resumed."""
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -50,6 +51,9 @@ def resume_case(rank, world, root):
 
     every = ("checkpoint.every=3", "eval.every=2")
     straight = train(run_dir_config(f"{root}/straight", *every))
+    # the same videos for both runs: H.264 encoding is not byte-reproducible (data.video.write_video), and the
+    # comparison is about training
+    shutil.copytree(f"{root}/straight/data", f"{root}/resumed/data")
     first = train(run_dir_config(f"{root}/resumed", *every), callbacks=[stop_at("sft", 2)])
     ckpts = sorted(p.name for p in Path(root, "resumed/checkpoints/sft").iterdir())
     second = train(run_dir_config(f"{root}/resumed", *every), resume="auto", callbacks=[stop_at("grpo", 1)])
