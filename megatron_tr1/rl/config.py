@@ -255,8 +255,8 @@ class StagesConfig:
     ``algorithm.reward_no_think``. A real run disables all but the stage it wants.
     """
 
-    base: StageConfig = field(default_factory=lambda: StageConfig(steps=1600, lr=3e-3, global_batch_size=32))
-    sft: StageConfig = field(default_factory=lambda: StageConfig(steps=400, lr=3e-3, global_batch_size=32,
+    base: StageConfig = field(default_factory=lambda: StageConfig(steps=3200, lr=3e-3, global_batch_size=32))
+    sft: StageConfig = field(default_factory=lambda: StageConfig(steps=800, lr=3e-3, global_batch_size=32,
                                                                  think=False))
     grpo: StageConfig = field(default_factory=lambda: StageConfig(steps=160, lr=5e-4))
     grpo_no_think: StageConfig = field(default_factory=lambda: StageConfig(steps=160, lr=5e-4))

@@ -22,7 +22,7 @@ from megatron_tr1.rollout.engine import stop_token_id
 def sft_sequences(items: Sequence[GroundingPrompt], tokenizer, think: bool = True) -> list[TokenSequence]:
     """Prompt + ground-truth target + ``<|im_end|>`` for each item (the loss covers the last two)."""
     stop = stop_token_id(tokenizer)
-    return [sft_sequence(tokenizer, i.prompt.input_ids, sft_target(i.query, *i.gt, think=think), stop)
+    return [sft_sequence(tokenizer, i.prompt.input_ids, sft_target(*i.gt, think=think), stop)
             for i in items]
 
 

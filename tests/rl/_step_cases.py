@@ -131,7 +131,7 @@ def sft_case(rank, world):
     seqs = sft_sequences(items, tokenizer)
     batch = model_batch(seqs, [i.prompt for i in items], hf.config)
     masked = [batch["labels"][row][batch["loss_mask"][row]].tolist() for row in range(len(seqs))]
-    expected = [tokenizer(sft_target(i.query, *i.gt), add_special_tokens=False)["input_ids"]
+    expected = [tokenizer(sft_target(*i.gt), add_special_tokens=False)["input_ids"]
                 + [stop_token_id(tokenizer)] for i in items]
     first_masked = [int(batch["loss_mask"][row].nonzero()[0]) for row in range(len(seqs))]
     prompt_lengths = [len(s.prompt_ids) for s in seqs]

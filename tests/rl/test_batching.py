@@ -61,18 +61,19 @@ def test_split_by_tokens_first_fit_decreasing():
 
 
 def test_sft_targets_score_full_format_and_accuracy():
-    think = sft_target("a red square appears", 1.234, 5.6)
+    think = sft_target(1.234, 5.6)
     assert think.endswith('<answer>{"start_time": "1.23", "end_time": "5.60"}</answer>')
-    assert think.startswith("<think>") and "</think><answer>" in think
+    assert think == ("<think>The event begins at about 1.23 seconds and ends at about 5.60 seconds.</think>"
+                     '<answer>{"start_time": "1.23", "end_time": "5.60"}</answer>')
     r = tvg_reward(think, (1.234, 5.6), 10.0)
     assert r["format"] == 1.0 and r["accuracy"] > 0.998
-    plain = sft_target("q", 1.234, 5.6, think=False, decimals=1)
+    plain = sft_target(1.234, 5.6, think=False, decimals=1)
     assert plain == '<answer>{"start_time": "1.2", "end_time": "5.6"}</answer>'
     assert tvg_reward_no_think(plain, (1.2, 5.6), 10.0) == {"overall": 1.0, "format": 1.0, "accuracy": 1.0}
     assert tvg_reward(plain, (1.2, 5.6), 10.0)["format"] == 0.0  # the think format needs the think block
     assert parse_answer(plain) == (1.2, 5.6)
     with pytest.raises(ConfigError, match="1 or 2 decimals"):
-        sft_target("q", 1.0, 2.0, decimals=3)
+        sft_target(1.0, 2.0, decimals=3)
 
 
 def test_sft_sequence_loss_covers_target_and_stop_only():
@@ -80,7 +81,7 @@ def test_sft_sequence_loss_covers_target_and_stop_only():
         assert add_special_tokens is False
         return {"input_ids": [ord(c) for c in text]}
 
-    target = sft_target("q", 0.5, 1.5, think=False)
+    target = sft_target(0.5, 1.5, think=False)
     seq = sft_sequence(tokenizer, [1, 3, 7, 7, 4], target, STOP)
     t = sequence_tensors(seq)
     learned = t["labels"][t["loss_mask"]].tolist()
