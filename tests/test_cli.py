@@ -28,10 +28,15 @@ def test_train_overrides_may_stand_between_options(monkeypatch):
     option and rejects the rest as unrecognized)."""
     from megatron_tr1.rl import train_cli
 
-    seen = {}
-    monkeypatch.setattr(train_cli, "main", lambda args: seen.setdefault("args", args) and 0)
+    seen = []
+
+    def record(args):
+        seen.append(args)
+        return 0
+
+    monkeypatch.setattr(train_cli, "main", record)
     assert main(["train", "--run-dir", "d", "seed=1", "--stages", "base", "stages.base.steps=3"]) == 0
-    args = seen["args"]
+    [args] = seen
     assert (args.run_dir, args.stages, args.overrides) == ("d", "base", ["seed=1", "stages.base.steps=3"])
     cfg = train_cli.build_config(args)
     assert (cfg.seed, cfg.stages.base.steps, cfg.stages.sft.enabled) == (1, 3, False)

@@ -23,6 +23,15 @@ def pattern_frames(num_frames: int, height: int = 64, width: int = 96) -> np.nda
     return frames
 
 
+def decode_all(path) -> tuple[np.ndarray, float]:
+    """Every frame of ``path`` decoded with PyAV (uint8 ``[T, H, W, 3]``) and the stream's average frame rate."""
+    import av
+
+    with av.open(str(path)) as container:
+        rate = float(container.streams.video[0].average_rate)
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]), rate
+
+
 def frame_index(frame) -> int:
     """The index a pattern frame encodes; ``frame`` is [H, W, 3] or [3, H, W] at the original 64x96 size."""
     frame = np.asarray(frame)

@@ -8,12 +8,7 @@ from megatron_tr1.data.dataset import load_data_config, load_samples
 from megatron_tr1.data.synthetic import EVENTS, LOOKS, SPLITS, generate, render
 from megatron_tr1.data.video import probe_video
 
-
-def _decode(path):
-    import av
-
-    with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(int)
+from .conftest import decode_all
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +52,7 @@ def test_same_seed_same_bytes_in_parallel_other_seed_other_data(data, tmp_path):
     videos = sorted((data / "videos").iterdir())
     assert len(videos) == 16
     for path in videos:  # the same frames; x264 rounds a few pixels differently now and then (write_video)
-        a, b = _decode(path), _decode(tmp_path / "again" / "videos" / path.name)
+        a, b = (decode_all(p)[0].astype(int) for p in (path, tmp_path / "again" / "videos" / path.name))
         assert a.shape == b.shape and np.abs(a - b).mean() < 0.5 and np.abs(a - b).max() <= 24, path.name
     generate(tmp_path / "other", num=8, seed=4, size=64, num_test=0, num_ood=0, progress=False)
     assert (tmp_path / "other" / "train.json").read_text() != (data / "train.json").read_text()

@@ -25,19 +25,12 @@ from megatron_tr1.data.video import (
 )
 from megatron_tr1.errors import DataError
 
-from .conftest import frame_index, pattern_frames
-
-
-def _decode_all(path):
-    with av.open(str(path)) as c:
-        stream = c.streams.video[0]
-        rate = float(stream.average_rate)
-        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]), rate
+from .conftest import decode_all, frame_index, pattern_frames
 
 
 @pytest.mark.parametrize("codec", ["h264", "vp9", "mjpeg"])
 def test_write_video_round_trip(videos, codec):
-    decoded, rate = _decode_all(videos[codec])
+    decoded, rate = decode_all(videos[codec])
     src = pattern_frames(30)
     assert decoded.shape == src.shape and rate == 10.0
     assert [frame_index(f) for f in decoded] == list(range(30))
@@ -57,7 +50,7 @@ def test_write_video_is_byte_reproducible(tmp_path, codec, ext):
 def test_write_video_accepts_torch_and_fractional_fps(tmp_path):
     path = tmp_path / "t.mp4"
     write_video(path, torch.from_numpy(pattern_frames(4, 48, 64)), fps=29.97)
-    decoded, rate = _decode_all(path)
+    decoded, rate = decode_all(path)
     assert decoded.shape == (4, 48, 64, 3) and abs(rate - 29.97) < 1e-6
 
 
