@@ -1,10 +1,11 @@
-"""Process groups and seeds: torch.distributed (nccl on GPU, gloo on CPU) + megatron ``parallel_state``.
+"""Process groups and seeds: torch.distributed (the backend's: nccl on GPU, gloo on CPU) + megatron ``parallel_state``.
 
-``init_parallel(tp, pp, seed)`` reads the usual launcher environment (``RANK``, ``WORLD_SIZE``,
+``init_parallel(tp, pp, seed, backend=...)`` reads the usual launcher environment (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``; set by torchrun and SLURM scripts) unless the default
-group already exists (e.g. under ``run_ranks``), builds megatron's TP / PP / DP groups and seeds every RNG
-like ``model_parallel_cuda_manual_seed``. On a machine without CUDA it enables the CPU stand-in
-(``megatron_tr1.testing.cpu``) first, so the same call works in tests and the CPU demo.
+group already exists (e.g. under ``launch.run_ranks``), builds megatron's TP / PP / DP groups and seeds every
+RNG like ``model_parallel_cuda_manual_seed``. The ``backend.Backend`` (default: ``backend.resolve()``) picks the
+device and process-group backend; on a machine without CUDA resolving it enables megatron-core's CPU stand-in,
+so the same call works in tests and the CPU demo. Returns the backend.
 
 ``wrap_ddp_and_optimizer(model_chunks, lr, weight_decay, grad_clip)`` wraps the chunks in megatron's
 ``DistributedDataParallel`` and builds megatron's optimizer (Adam, optionally the distributed optimizer).
@@ -20,26 +21,29 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from megatron_tr1.backend import Backend, resolve
 from megatron_tr1.errors import ConfigError
 
 
-def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 1800) -> None:
-    """Initialise torch.distributed (if needed), megatron parallel state for TP x PP (x DP) and seeds."""
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        from megatron_tr1.testing.cpu import enable_cpu_megatron
-        enable_cpu_megatron()
+def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 1800,
+                  backend: Backend | None = None) -> Backend:
+    """Initialise torch.distributed (if needed), megatron parallel state for TP x PP (x DP) and seeds; returns
+    the backend used (``backend``, or ``backend.resolve()``)."""
+    backend = backend or resolve()
     if not dist.is_initialized():
-        if on_gpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
+        if backend.cuda:
+            torch.cuda.set_device(backend.device)
+        dist.init_process_group(backend.dist_backend, timeout=timedelta(seconds=timeout_s))
+    elif backend.cuda:
+        torch.cuda.set_device(backend.device)
     world = dist.get_world_size()
     if tp < 1 or pp < 1 or world % (tp * pp):
-        raise ConfigError(f"parallel.tensor_parallel={tp} x parallel.pipeline_parallel={pp} must divide the "
-                          f"world size {world}")
+        raise ConfigError(f"model.tensor_parallel={tp} x model.pipeline_parallel={pp} must divide the world size "
+                          f"{world}")
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     seed_everything(seed)
+    return backend
 
 
 def seed_everything(seed: int) -> None:
@@ -72,18 +76,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def teardown() -> None:
-    """Destroy megatron's groups and the default process group."""
-    parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def wrap_ddp_and_optimizer(model_chunks, lr: float, weight_decay: float, grad_clip: float,
                            use_distributed_optimizer: bool = True, **optimizer_config):
     """Megatron ``DistributedDataParallel`` around each model chunk + ``get_megatron_optimizer`` (Adam).
 
-    Call after ``init_parallel`` with this rank's chunks (a list; one per virtual pipeline stage, or one).
+    Call after ``init_parallel`` (which sets up the backend, and on CPU megatron's stand-in) with this rank's
+    chunks (a list; one per virtual pipeline stage, or one).
     Precision follows the model: bf16 parameters (the GPU build) get bf16 mixed precision with fp32 main
     parameters and fp32 grad reduction; fp32 parameters (the CPU build) give a plain fp32 optimizer.
     DDP uses contiguous grad buffers with overlap off and averages gradients over the data-parallel
@@ -107,17 +105,14 @@ def wrap_ddp_and_optimizer(model_chunks, lr: float, weight_decay: float, grad_cl
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    if not torch.cuda.is_available():  # usually done by init_parallel already (idempotent)
-        from megatron_tr1.testing.cpu import enable_cpu_megatron
-        enable_cpu_megatron()
     model_chunks = list(model_chunks)
     config = model_chunks[0].config
     if config.fp16:
         raise ConfigError("wrap_ddp_and_optimizer: fp16 parameters need a loss scaler, which is not set up; "
                           "build the model with params_dtype=torch.bfloat16 (GPU) or torch.float32")
-    if config.bf16 and not torch.cuda.is_available():
-        raise ConfigError("wrap_ddp_and_optimizer: bf16 parameters on a machine without CUDA; the CPU path is "
-                          "fp32 only: build the model with params_dtype=torch.float32")
+    if config.bf16 and next(model_chunks[0].parameters()).device.type != "cuda":
+        raise ConfigError("wrap_ddp_and_optimizer: bf16 parameters off the GPU; the CPU path is fp32 only: build "
+                          "the model with params_dtype=torch.float32")
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
         use_distributed_optimizer=use_distributed_optimizer)

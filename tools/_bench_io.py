@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the machine's name and publishing tables (printed, JSON and Markdown).
+"""What the benchmark scripts share: the ``--device`` choice (checked against ``megatron_tr1.backend``), the machine's
+name and publishing tables (printed, JSON and Markdown).
 
 ``publish(out, "step", slug, title, notes, [(caption, header, lines)], payload)`` prints each table with rich and
 writes ``out/step_<slug>.json`` (``payload``) and ``out/step_<slug>.md`` (title, notes, the tables).
@@ -16,7 +17,22 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from megatron_tr1.backend import cuda_available
+
 Lines = Sequence[Sequence[str]]
+
+
+def add_device_argument(parser) -> None:
+    """``--device cuda|cpu``, by default what the backend finds (``backend.cuda_available``)."""
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if cuda_available() else "cpu")
+
+
+def check_device(parser, device: str, cpu_on_gpu: bool = True) -> None:
+    """Refuse ``--device cuda`` without a GPU, and (``cpu_on_gpu=False``: megatron-core's CPU backend) ``--device
+    cpu`` on a GPU machine, where the backend would pick the GPU (hide it with ``CUDA_VISIBLE_DEVICES=``)."""
+    if device == "cuda" and not cuda_available() or device == "cpu" and cuda_available() and not cpu_on_gpu:
+        parser.error(f"--device {device}: this machine {'has no' if device == 'cuda' else 'has a'} CUDA GPU"
+                     + ("" if device == "cuda" else "; run with CUDA_VISIBLE_DEVICES= for the CPU tables"))
 
 
 def machine_name(device: str, load: bool = True) -> tuple[str, str]:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _bench_io import machine_name, publish  # noqa: E402  (tools/ is on sys.path when run as a script)
+from _bench_io import add_device_argument, check_device, machine_name, publish  # noqa: E402  (tools/ is on sys.path when run as a script)
 
 RESOLUTIONS = {"240p": (240, 426), "360p": (360, 640), "480p": (480, 854), "720p": (720, 1280)}
 SIZES = {"cuda": dict(durations=[30, 60, 120], resolutions=["480p", "720p"], source_fps=30, repeats=5),
@@ -179,15 +179,14 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--durations", type=float, nargs="+", help="clip lengths in seconds (default: per device)")
     parser.add_argument("--resolutions", nargs="+", choices=sorted(RESOLUTIONS), help="default: per device")
     parser.add_argument("--source-fps", type=int, help="frame rate of the synthetic clips (default 30)")
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
+    check_device(parser, args.device)
     cfg = dict(SIZES[args.device])
     cfg["durations"] = args.durations or cfg["durations"]
     cfg["resolutions"] = args.resolutions or cfg["resolutions"]

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from _bench_io import machine_name, publish  # noqa: E402  (tools/ is on sys.path when run as a script)
+from _bench_io import add_device_argument, check_device, machine_name, publish  # noqa: E402  (tools/ is on sys.path when run as a script)
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
@@ -226,11 +226,12 @@ HEADER = ["kernel", "N", "triton ms", "eager ms", "compile ms", "triton MiB", "e
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--tokens", type=int, nargs="+", help="N values (default: per device)")
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
     cfg = dict(SHAPES[args.device])
     cfg["tokens"] = args.tokens or cfg["tokens"]
     cfg["repeats"] = args.repeats or cfg["repeats"]

@@ -11,7 +11,7 @@ policy at ``--tp`` x ``--pp`` into each engine (held by rank 0): ``SyncStats`` (
 collectives) and s/GB (GB = 1e9 bytes in the engine dtype), median of ``--repeats`` after one warm-up sync.
 Run TP/PP > 1 with ``torchrun --nproc-per-node <tp*pp> tools/bench_rollout.py --tp 2`` (rank 0 prints and writes).
 
-CPU: toy sizes, the tiny random Qwen2.5-VL (``testing.tiny_model``, fp32; hidden 128, 4 layers, vocab 512).
+CPU: toy sizes, the tiny random Qwen2.5-VL (``demo.tiny_hf_model``, fp32; hidden 128, 4 layers, vocab 512).
 GPU (UNTESTED: no GPU was available when this was written): a random-weight Qwen2.5-VL-3B config (hidden 2048,
 36 layers, 16 heads, 2 KV heads, FFN 11008, vocab 151936, vision depth 32 hidden 1280), bf16, vLLM started with
 ``load_format="dummy"`` and the HF engine on random weights, the Megatron policy randomly initialised on the GPU;
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from _bench_io import machine_name, publish  # noqa: E402  (tools/ is on sys.path when run as a script)
+from _bench_io import add_device_argument, check_device, machine_name, publish  # noqa: E402  (tools/ is on sys.path when run as a script)
 
 SIZES = {"cuda": dict(model="qwen2.5-vl-3b", prompts=8, n=8, max_tokens=256, repeats=3, bucket_mb=512,
                       frames=(32, 3, 224, 392), dtype="bfloat16", max_model_len=8192),
@@ -61,7 +61,7 @@ def qwen2_5_vl_3b_config():
     """Qwen2.5-VL-3B-Instruct's shapes (random weights), with the tiny tokenizer's special-token ids."""
     from transformers import Qwen2_5_VLConfig
 
-    from megatron_tr1.testing import TINY_SPECIAL_TOKENS as T
+    from megatron_tr1.demo import TINY_SPECIAL_TOKENS as T
 
     text = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                 num_attention_heads=16, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=128000,
@@ -76,29 +76,31 @@ def qwen2_5_vl_3b_config():
                             attn_implementation="sdpa")
 
 
-def build_models(cfg: dict, device: str):
-    """(hf_config, tokenizer, Megatron policy of this rank, HF model or None)."""
-    from megatron_tr1.testing.tiny_tokenizer import build_tiny_tokenizer
+def build_models(cfg: dict, backend):
+    """(hf_config, tokenizer, Megatron policy of this rank, HF model or None) on ``backend``."""
+    from megatron_tr1.demo import build_tiny_tokenizer
+    from megatron_tr1.models.qwen2_5_vl import Qwen2_5_VLModel
 
     tokenizer = build_tiny_tokenizer()
     if cfg["model"] == "tiny":
-        from megatron_tr1.testing.tiny_model import tiny_hf_model, tiny_mcore_model
+        from megatron_tr1.convert.weights import load_weights
+        from megatron_tr1.demo import tiny_hf_model
 
         hf = tiny_hf_model(0)
-        return hf.config, tokenizer, tiny_mcore_model(hf), hf
+        model = Qwen2_5_VLModel(hf.config, layer_spec=backend.layer_spec, cpu_init=not backend.cuda)
+        load_weights(model, hf.state_dict(), hf.config)
+        return hf.config, tokenizer, model.to(backend.device).eval(), hf
     # GPU, UNTESTED: random init on the GPU, straight into this rank's TP x PP shard
-    from megatron_tr1.models.qwen2_5_vl import Qwen2_5_VLModel
-
     config = qwen2_5_vl_3b_config()
-    model = Qwen2_5_VLModel(config, layer_spec="te", params_dtype=getattr(torch, cfg["dtype"])).to(device).eval()
-    return config, tokenizer, model, None
+    model = Qwen2_5_VLModel(config, layer_spec=backend.layer_spec, params_dtype=getattr(torch, cfg["dtype"]))
+    return config, tokenizer, model.to(backend.device).eval(), None
 
 
 def write_model_dir(config, tokenizer_dir: Path, hf=None) -> str:
     """An HF model directory for vLLM: config, tokenizer and processor configs; the weights of ``hf`` if given
     (else none: vLLM starts with ``load_format="dummy"``). For the tiny model the processor configs get its
     4-pixel patches and pixel bounds that leave the tiny frames unresized (as tests/rollout/_cases.py)."""
-    from megatron_tr1.testing.tiny_tokenizer import build_tiny_tokenizer
+    from megatron_tr1.demo import build_tiny_tokenizer
 
     if hf is not None:
         hf.save_pretrained(tokenizer_dir)
@@ -114,19 +116,21 @@ def write_model_dir(config, tokenizer_dir: Path, hf=None) -> str:
     return str(tokenizer_dir)
 
 
-def make_engines(names, cfg, config, tokenizer, hf, device, workdir: Path) -> dict:
-    from megatron_tr1.rollout.engine import make_engine
+def make_engines(names, cfg, config, tokenizer, hf, backend, workdir: Path) -> dict:
+    import dataclasses
 
-    dtype = getattr(torch, cfg["dtype"])
+    from megatron_tr1.rollout.factory import make_engine
+
+    backend = dataclasses.replace(backend, dtype=getattr(torch, cfg["dtype"]))  # the benchmark's engine dtype
     engines = {}
     for name in names:
         start = time.perf_counter()
         if name == "hf":
-            engines[name] = make_engine("hf", config, tokenizer, dtype=dtype, device=device)
+            engines[name] = make_engine("hf", config, tokenizer, backend)
         else:
             model_dir = write_model_dir(config, workdir / "vllm_model", hf)
             extra = {} if hf is not None else dict(load_format="dummy", gpu_memory_utilization=0.35)
-            engines[name] = make_engine("vllm", config, tokenizer, model_dir=model_dir, dtype=dtype,
+            engines[name] = make_engine("vllm", config, tokenizer, backend, model_dir=model_dir,
                                         max_model_len=cfg["max_model_len"], **extra)  # own process group
         print(f"{name} engine ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return engines
@@ -134,7 +138,7 @@ def make_engines(names, cfg, config, tokenizer, hf, device, workdir: Path) -> di
 
 def build_prompts(cfg: dict, config, tokenizer) -> list:
     from megatron_tr1.data.video import VideoFrames
-    from megatron_tr1.rollout.engine import build_prompt
+    from megatron_tr1.data.prompt import build_prompt
 
     prompts = []
     t = cfg["frames"][0]
@@ -148,19 +152,17 @@ def build_prompts(cfg: dict, config, tokenizer) -> list:
     return prompts
 
 
-def bench_generate(engine, prompts, n: int, max_tokens: int, repeats: int) -> dict:
+def bench_generate(engine, prompts, n: int, max_tokens: int, repeats: int, synchronize) -> dict:
     from megatron_tr1.rollout.engine import Sampling
 
     engine.generate(prompts, n, Sampling(temperature=1.0, max_tokens=max_tokens, seed=1000))  # warm-up
     runs = []
     for r in range(repeats):
         sampling = Sampling(temperature=1.0, max_tokens=max_tokens, seed=r * len(prompts))
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize()
         start = time.perf_counter()
         out = engine.generate(prompts, n, sampling)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize()
         wall = time.perf_counter() - start
         lengths = [len(x.token_ids) for group in out for x in group]
         runs.append(dict(wall_s=wall, tokens=sum(lengths), samples=len(lengths),
@@ -210,7 +212,7 @@ def sync_cells(r: dict) -> list[str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--engines", nargs="+", choices=["hf", "vllm"],
                         help="default: hf, plus vllm when it is importable")
     parser.add_argument("--prompts", type=int)
@@ -224,8 +226,7 @@ def main(argv=None) -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
+    check_device(parser, args.device, cpu_on_gpu=False)
     cfg = dict(SIZES[args.device])
     for key in ("prompts", "n", "max_tokens", "repeats", "bucket_mb"):
         if getattr(args, key) is not None:
@@ -239,11 +240,10 @@ def main(argv=None) -> None:
     from megatron_tr1.distributed import init_parallel, single_process_env
 
     single_process_env()
-    init_parallel(args.tp, args.pp)
+    backend = init_parallel(args.tp, args.pp)
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu"
     dtype = getattr(torch, cfg["dtype"])
-    config, tokenizer, model, hf = build_models(cfg, device)
+    config, tokenizer, model, hf = build_models(cfg, backend)
 
     threads = torch.get_num_threads()  # vLLM's CPU worker lowers it to 1 "for serving"; each engine gets this many
     gen_rows, sync_rows = [], []
@@ -253,7 +253,7 @@ def main(argv=None) -> None:
             for name in names:
                 if name == "vllm" and not vllm_ok:
                     continue
-                engines |= make_engines([name], cfg, config, tokenizer, hf, device, Path(tmp))
+                engines |= make_engines([name], cfg, config, tokenizer, hf, backend, Path(tmp))
         bucket_bytes = int(cfg["bucket_mb"] * 2 ** 20)
         for name in names:  # every rank takes part in every sync, in the same order
             row = dict(target=name, tp=args.tp, pp=args.pp, dtype=cfg["dtype"], bucket_bytes=bucket_bytes,
@@ -274,7 +274,8 @@ def main(argv=None) -> None:
                     gen_rows.append(row | dict(status="vLLM not installed"))
                     continue
                 torch.set_num_threads(threads)
-                row |= bench_generate(engines[name], prompts, cfg["n"], cfg["max_tokens"], cfg["repeats"])
+                row |= bench_generate(engines[name], prompts, cfg["n"], cfg["max_tokens"], cfg["repeats"],
+                                      backend.synchronize)
                 row["threads"] = torch.get_num_threads()
                 gen_rows.append(row)
                 print(f"generate {name}: {row['tokens_per_s']:.1f} tokens/s", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Benchmark one GRPO step (``rl.grpo.grpo_step``): seconds per phase, tokens/s/GPU and MFU.
 
 The step is built as tests/rl/_step_cases.py::grpo_case builds it: ``distributed.init_parallel``, the tiny random
-Qwen2.5-VL (``testing.tiny_model``) as HF model and Megatron policy + frozen reference, an ``HFEngine`` given the
+Qwen2.5-VL (``demo.tiny_hf_model``) as HF model and Megatron policy + frozen reference, an ``HFEngine`` given the
 policy's weights with ``sync_weights``, megatron DDP + DistributedOptimizer (``wrap_ddp_and_optimizer``),
 synthetic grounding videos (``data.synthetic.generate``) turned into prompts by ``rl.prompts.grounding_prompt``,
 and a length-based reward (a random model's responses all score 0 with the real one, which leaves no spread).
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from _bench_io import machine_name, publish  # noqa: E402  (tools/ is on sys.path when run as a script)
+from _bench_io import add_device_argument, check_device, machine_name, publish  # noqa: E402  (tools/ is on sys.path when run as a script)
 
 SIZES = {"cuda": dict(prompts=8, n=8, max_tokens=64, steps=3, micro_batch=8, peak_tflops=989.0),
          "cpu": dict(prompts=2, n=4, max_tokens=16, steps=2, micro_batch=4, peak_tflops=None)}
@@ -96,8 +96,9 @@ def run(cfg: dict, device: str) -> tuple[list[dict], dict]:
     from megatron_tr1.rl.prompts import grounding_prompt
     from megatron_tr1.rollout.hf_engine import HFEngine
     from megatron_tr1.rollout.weight_sync import sync_weights
-    from megatron_tr1.testing.tiny_model import tiny_hf_model, tiny_mcore_model
-    from megatron_tr1.testing.tiny_tokenizer import build_tiny_tokenizer
+    from megatron_tr1.convert.weights import load_weights
+    from megatron_tr1.demo import build_tiny_tokenizer, tiny_hf_model
+    from megatron_tr1.models.qwen2_5_vl import Qwen2_5_VLModel
 
     batch = cfg["prompts"] * cfg["n"]
     train = TrainConfig(
@@ -108,17 +109,19 @@ def run(cfg: dict, device: str) -> tuple[list[dict], dict]:
         data=DataSection(video=VideoBudget(max_frames=4)))
     train.algorithm.dynamic_sampling = False
 
-    init_parallel(1, 1)
+    backend = init_parallel(1, 1)
     hf = tiny_hf_model(0)
     tokenizer = build_tiny_tokenizer()
     with tempfile.TemporaryDirectory(prefix="bench_step_") as folder:
         synthetic.generate(folder, cfg["prompts"], num_test=0, num_ood=0, size=56, progress=False)
         samples = load_samples(load_data_config(f"{folder}/train.yaml")).samples
         items = [grounding_prompt(s, train, tokenizer, hf.config) for s in samples]
-    model, ref = tiny_mcore_model(hf).train(), tiny_mcore_model(hf)
-    if device == "cuda":  # UNTESTED
-        model, ref = model.cuda(), ref.cuda()
-    engine = HFEngine(hf.config, tokenizer, device=device)
+    model, ref = (Qwen2_5_VLModel(hf.config, layer_spec=backend.layer_spec, cpu_init=not backend.cuda)
+                  for _ in range(2))
+    for m in (model, ref):
+        load_weights(m, hf.state_dict(), hf.config)
+    model, ref = model.to(backend.device).train(), ref.to(backend.device).eval()  # GPU: UNTESTED
+    engine = HFEngine(hf.config, tokenizer, device=str(backend.device))
     sync_weights(model, hf.config, engine, dtype=engine.dtype)
     (policy,), optimizer = wrap_ddp_and_optimizer([model], train.optim.lr, 0.0, train.optim.grad_clip)
     counts = param_counts(model, hf.config.tie_word_embeddings)
@@ -129,7 +132,7 @@ def run(cfg: dict, device: str) -> tuple[list[dict], dict]:
     steps = []
     for step in range(cfg["steps"] + 1):  # step 0: warm-up
         metrics = grpo_step(policy, optimizer, engine, ref, items, train, tokenizer, hf.config, step=step,
-                            reward_fn=length_reward)
+                            reward_fn=length_reward, sync=backend.sync)
         tokens = metrics["tokens_per_s"] * metrics["time/step"]
         flops = step_flops(counts, tokens, patches, passes)
         row = {p: metrics[f"time/{p}"] for p in PHASES} | dict(
@@ -170,7 +173,7 @@ def table_cells(cfg: dict, s: dict) -> list[str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--prompts", type=int)
     parser.add_argument("--n", type=int)
     parser.add_argument("--max-tokens", type=int)
@@ -179,8 +182,7 @@ def main(argv=None) -> None:
                         "none on CPU)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
+    check_device(parser, args.device, cpu_on_gpu=False)
     cfg = dict(SIZES[args.device])
     for key in ("prompts", "n", "max_tokens", "steps", "peak_tflops"):
         if getattr(args, key) is not None:

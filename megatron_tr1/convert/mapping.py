@@ -21,7 +21,8 @@ from typing import Any, Union
 
 import torch
 
-from megatron_tr1.errors import CheckpointError, ConfigError
+from megatron_tr1.errors import CheckpointError
+from megatron_tr1.models.qwen2_5_vl.size import Dims
 
 REPLICATED, COLUMN, ROW, QKV, QKV_FUSED, GATE_UP = "replicated", "column", "row", "qkv", "qkv_fused", "gate_up"
 SPECS = ("local", "te")
@@ -68,90 +69,6 @@ def name_list(names) -> str:
     names = sorted(names)
     more = f" (+{len(names) - _LIST_MAX} more)" if len(names) > _LIST_MAX else ""
     return ", ".join(names[:_LIST_MAX]) + more
-
-
-def _last_line(e: Exception) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[-1] if lines else type(e).__name__
-
-
-@dataclass(frozen=True)
-class Dims:
-    """The sizes of a Qwen2.5-VL model that the table needs, read from its HF config."""
-
-    hidden: int
-    ffn: int
-    heads: int
-    groups: int
-    vocab: int
-    layers: int
-    tied: bool
-    v_hidden: int
-    v_ffn: int
-    v_heads: int
-    v_depth: int
-    v_out: int
-    v_merge: int  # spatial_merge_size
-    v_patch: tuple[int, int, int, int]  # patch embedding kernel: in_channels, temporal, patch, patch
-    source: str = "config.json"
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    @property
-    def v_head_dim(self) -> int:
-        return self.v_hidden // self.v_heads
-
-    @property
-    def merger_hidden(self) -> int:
-        return self.v_hidden * self.v_merge ** 2
-
-    @classmethod
-    def from_hf_config(cls, config: Any, source: str = "config.json") -> "Dims":
-        """From a ``Qwen2_5_VLConfig``, or a config.json dict in the transformers 4 or 5 layout."""
-        from transformers import Qwen2_5_VLConfig
-
-        if isinstance(config, Mapping):
-            try:
-                config = Qwen2_5_VLConfig.from_dict(dict(config))
-            except Exception as e:  # transformers' own validation, e.g. layer_types vs num_hidden_layers
-                raise ConfigError(f"{source}: not a valid Qwen2.5-VL config ({_last_line(e)}); fix the field "
-                                  "or re-export the config with save_pretrained") from None
-        t, v = config.text_config, config.vision_config
-        try:
-            return cls(hidden=t.hidden_size, ffn=t.intermediate_size, heads=t.num_attention_heads,
-                       groups=t.num_key_value_heads, vocab=t.vocab_size, layers=t.num_hidden_layers,
-                       tied=bool(config.tie_word_embeddings), v_hidden=v.hidden_size, v_ffn=v.intermediate_size,
-                       v_heads=v.num_heads, v_depth=v.depth, v_out=v.out_hidden_size,
-                       v_merge=v.spatial_merge_size,
-                       v_patch=(v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size), source=source)
-        except AttributeError as e:
-            raise ConfigError(f"{source}: not a Qwen2.5-VL config ({e}); pass the config.json of a "
-                              "Qwen2_5_VLForConditionalGeneration checkpoint") from None
-
-    def validate(self, tp_size: int, pp_size: int, tp_label: str = "--tp {}", pp_label: str = "--pp {}") -> None:
-        """Raise ConfigError unless TP divides every split size and PP divides the number of layers. The labels
-        name the layout as the caller's user wrote it (``tr1 convert``'s flags; the model's config keys)."""
-        tp_name, pp_name = tp_label.format(tp_size), pp_label.format(pp_size)
-        if tp_size < 1 or pp_size < 1:
-            raise ConfigError(f"{tp_name} {pp_name}: both must be >= 1")
-        if self.heads % self.groups:
-            raise ConfigError(f"{self.source}: text_config.num_attention_heads={self.heads} is not a multiple of "
-                              f"num_key_value_heads={self.groups}; the config is inconsistent")
-        for field, value in (("text_config.num_attention_heads", self.heads),
-                             ("text_config.num_key_value_heads", self.groups),
-                             ("text_config.vocab_size", self.vocab),
-                             ("text_config.intermediate_size", self.ffn),
-                             ("vision_config.num_heads", self.v_heads),
-                             ("vision_config.intermediate_size", self.v_ffn),
-                             ("vision_config.hidden_size*spatial_merge_size**2", self.merger_hidden)):
-            if value % tp_size:
-                raise ConfigError(f"{tp_name} does not divide {field}={value} ({self.source}); choose a TP "
-                                  f"size that divides it")
-        if self.layers % pp_size:
-            raise ConfigError(f"{pp_name} does not divide text_config.num_hidden_layers={self.layers} "
-                              f"({self.source}); choose a PP size that divides it")
 
 
 @dataclass(frozen=True)
@@ -330,29 +247,6 @@ def hf_to_mcore_state(hf_state: HFState, hf_config: Any, tp_rank: int, tp_size: 
     get = hf_getter(hf_state, d, pp_rank, pp_size)
     return {mcore_spec_name(p.mcore, spec): split(p, [get(n) for n in p.hf], tp_rank, tp_size, d.source)
             for p in params(d, pp_rank, pp_size)}
-
-
-def mcore_to_hf(p: Param, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF full tensors of one Param from all its TP shards (``{}`` for the tied output copy, which is not an HF
-    tensor of its own)."""
-    return {} if p.embedding_copy else merge(p, shards)
-
-
-def mcore_to_hf_state(rank_states: Mapping[tuple[int, int], Mapping[str, torch.Tensor]], hf_config: Any,
-                      tp_size: int, pp_size: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(hf_name, tensor)`` for the whole model from ``{(tp_rank, pp_rank): state_dict}`` of every rank
-    (either spelling), checking every rank for missing and unexpected tensors."""
-    d = hf_config if isinstance(hf_config, Dims) else Dims.from_hf_config(hf_config)
-    d.validate(tp_size, pp_size)
-    for pp_rank in range(pp_size):
-        stage = params(d, pp_rank, pp_size)
-        states = []
-        for tp_rank in range(tp_size):
-            state = {mcore_local_name(k): v for k, v in rank_states[tp_rank, pp_rank].items() if is_weight_name(k)}
-            check_rank_names(state.keys(), stage, f"rank tp={tp_rank} pp={pp_rank}")
-            states.append(state)
-        for p in stage:
-            yield from mcore_to_hf(p, [s[p.mcore] for s in states]).items()
 
 
 def check_rank_names(names, stage: list[Param], where: str) -> None:

@@ -1,7 +1,8 @@
 """``tr1 verify``: the Megatron model on a tr1 checkpoint and the HF model give the same logits.
 
-Starts TP x PP worker processes (gloo on CPU; NCCL on GPU), each loading its shard with ``load_mcore_state``
-(so a checkpoint stored at another layout is resharded on the fly) and running ``Qwen2_5_VLModel`` forward
+Starts TP x PP worker processes (``launch.run_ranks``: gloo on CPU, NCCL on GPU, as ``backend.resolve`` says),
+each loading its shard through ``convert.weights.load_weights`` (so a checkpoint stored at another layout or
+in the other spelling loads alike) and running ``Qwen2_5_VLModel`` forward
 on one text + video batch; pipeline stages hand hidden states on with point-to-point sends. The HF model
 runs the same batch in this process, given the M-RoPE positions of our ``get_rope_index`` (which the workers
 compute for themselves), so Megatron's M-RoPE is checked at the positions training uses. HF's own positions
@@ -13,6 +14,7 @@ row, patchified by the training pipeline's ``data.processor``. The last line pri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -30,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mcore-dir", required=True, help="tr1 Megatron checkpoint (`tr1 convert hf-to-mcore`)")
     parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the stored one)")
     parser.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (default: the stored one)")
-    parser.add_argument("--spec", choices=("local", "te"), default=None,
-                        help="Megatron layer spec (default: te on GPU when transformer-engine imports, else local)")
+    parser.add_argument("--spec", choices=("auto", "local", "te"), default="auto",
+                        help="Megatron layer spec (auto: te on a GPU with transformer-engine, else local)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype of both models")
     parser.add_argument("--rtol", type=float, default=None,
                         help="tolerance relative to max|logit| (default: 1e-4 float32, 5e-2 bfloat16)")
@@ -80,38 +82,27 @@ def _pipeline_hop(tensor: torch.Tensor | None, shape, dtype, device, send: bool)
     return buf
 
 
-def megatron_logits(rank: int, world: int, mcore_dir: str, tp: int, pp: int, spec: str, dtype: str, batch: dict,
-                    nccl_port: int):
+def megatron_logits(rank: int, world: int, mcore_dir: str, tp: int, pp: int, spec: str, dtype: str, batch: dict):
     """One rank's part of the Megatron forward; the logits ``[b, s, v]`` (numpy) from TP rank 0 of the last
-    stage, None elsewhere."""
-    import torch.distributed as dist
+    stage, None elsewhere. The model computes in ``dtype`` on the backend's device (bf16 on CPU too: verify only
+    runs a forward)."""
     from megatron.core import parallel_state as ps
     from transformers import Qwen2_5_VLConfig
 
-    from megatron_tr1.convert.checkpoint import load_mcore_state
-    from megatron_tr1.convert.mapping import is_weight_name, name_list
+    from megatron_tr1.backend import resolve
+    from megatron_tr1.convert.weights import load_weights
     from megatron_tr1.distributed import init_parallel
-    from megatron_tr1.errors import CheckpointError
     from megatron_tr1.models.qwen2_5_vl.model import Qwen2_5_VLModel
     from megatron_tr1.models.qwen2_5_vl.rope_index import get_rope_index
 
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:  # run_ranks set up gloo; the model's groups should use NCCL
-        dist.destroy_process_group()
-        os.environ["MASTER_PORT"] = str(nccl_port)
-    init_parallel(tp, pp)
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    backend = dataclasses.replace(init_parallel(tp, pp, backend=resolve(spec)), dtype=DTYPES[dtype])
+    device = backend.device
     config = Qwen2_5_VLConfig.from_pretrained(Path(mcore_dir) / HF_SUBDIR)
-    model = Qwen2_5_VLModel(config, layer_spec=spec, params_dtype=DTYPES[dtype], cpu_init=not on_gpu).to(device)
-    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    state = load_mcore_state(mcore_dir, tp_rank, tp, pp_rank, pp, spec=spec)
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if is_weight_name(k)]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{mcore_dir} at tp={tp_rank} pp={pp_rank}: tensors the model does not have: "
-                              f"{name_list(result.unexpected_keys) or 'none'}; model weights the checkpoint "
-                              f"lacks: {name_list(missing) or 'none'}")
+    model = Qwen2_5_VLModel(config, layer_spec=backend.layer_spec, params_dtype=backend.dtype,
+                            cpu_init=not backend.cuda).to(device)
+    load_weights(model, mcore_dir)
     model.eval()
+    tp_rank = ps.get_tensor_model_parallel_rank()
     inputs = {k: v.to(device) for k, v in batch.items()}
     position_ids = get_rope_index(config, inputs["input_ids"], None, video_grid_thw=inputs["video_grid_thw"],
                                   second_per_grid_ts=inputs["second_per_grid_ts"])
@@ -129,13 +120,12 @@ def megatron_logits(rank: int, world: int, mcore_dir: str, tp: int, pp: int, spe
     return out.float().cpu().numpy() if tp_rank == 0 else None
 
 
-def hf_logits(hf_dir: str, dtype: str, batch: dict) -> torch.Tensor:
+def hf_logits(hf_dir: str, dtype: str, batch: dict, device: torch.device) -> torch.Tensor:
     """Logits of the HF model in ``hf_dir`` on ``batch``, at ``get_rope_index``'s M-RoPE positions."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from megatron_tr1.models.qwen2_5_vl.rope_index import get_rope_index
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=DTYPES[dtype]).to(device).eval()
     position_ids = get_rope_index(model.config, batch["input_ids"], video_grid_thw=batch["video_grid_thw"],
                                   second_per_grid_ts=batch["second_per_grid_ts"])
@@ -148,19 +138,22 @@ def hf_logits(hf_dir: str, dtype: str, batch: dict) -> torch.Tensor:
 def main(args: argparse.Namespace) -> int:
     from transformers import Qwen2_5_VLConfig
 
-    from megatron_tr1.testing.multiproc import free_port, run_ranks
+    from megatron_tr1.backend import resolve
+    from megatron_tr1.launch import run_ranks
 
     meta = read_meta(args.mcore_dir)
     tp, pp = args.tp or meta.tp, args.pp or meta.pp
-    spec = args.spec or _default_spec()
-    if torch.cuda.is_available() and torch.cuda.device_count() < tp * pp:
+    backend = resolve(args.spec)
+    spec = backend.layer_spec
+    if backend.cuda and torch.cuda.device_count() < tp * pp:
         raise ConfigError(f"--tp {tp} x --pp {pp} needs {tp * pp} GPUs; this node has {torch.cuda.device_count()}")
     config = Qwen2_5_VLConfig.from_pretrained(args.hf_dir)
     batch = synthetic_batch(config, args.seed)
-    ranks = run_ranks(megatron_logits, tp * pp, str(args.mcore_dir), tp, pp, spec, args.dtype, batch, free_port(),
-                      timeout=3600, threads=max(1, (os.cpu_count() or 1) // (tp * pp)))
+    ranks = run_ranks(megatron_logits, tp * pp, str(args.mcore_dir), tp, pp, spec, args.dtype, batch,
+                      timeout=3600, threads=max(1, (os.cpu_count() or 1) // (tp * pp)),
+                      dist_backend=backend.dist_backend)
     ours = torch.from_numpy(next(r for r in ranks if r is not None))
-    theirs = hf_logits(args.hf_dir, args.dtype, batch)
+    theirs = hf_logits(args.hf_dir, args.dtype, batch, backend.device)
     diff = (ours - theirs).abs().max().item()
     scale = theirs.abs().max().item()
     rtol = args.rtol if args.rtol is not None else DEFAULT_RTOL[args.dtype]
@@ -169,13 +162,3 @@ def main(args: argparse.Namespace) -> int:
           f"max|logit|={scale:.4g} tolerance={rtol * scale:.3g} ({rtol:g} x max|logit|): {'OK' if ok else 'FAIL'}")
     print(f"max_abs_logit_diff={diff:.6g}")
     return 0 if ok else 1
-
-
-def _default_spec() -> str:
-    if not torch.cuda.is_available():
-        return "local"
-    try:
-        import transformer_engine  # noqa: F401
-        return "te"
-    except ImportError:
-        return "local"

@@ -2,13 +2,17 @@
 
 ``encode_prompt`` renders the tokenizer's chat template (Qwen2.5-VL's, generation prompt appended) and
 expands its single ``<|video_pad|>`` to ``num_video_tokens`` copies, as ``Qwen2_5_VLProcessor`` does,
-before tokenising. ``prompt_text`` keeps the single placeholder: vLLM expands it itself.
+before tokenising. ``prompt_text`` keeps the single placeholder: vLLM expands it itself. ``build_prompt`` makes
+the ``RolloutPrompt`` every engine and the trainer take: the ids, the video's patches and its decoded frames.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from megatron_tr1.data.processor import VideoInputs
+from megatron_tr1.data.processor import VideoInputs, preprocess_video
+from megatron_tr1.data.video import VideoFrames
 from megatron_tr1.errors import DataError
 
 SYSTEM_PROMPT_THINK = (
@@ -52,3 +56,23 @@ def encode_prompt(tokenizer, query: str, video_inputs: VideoInputs, think: bool 
     expanded = prompt_text.replace(VIDEO_TOKEN, VIDEO_TOKEN * video_inputs.num_video_tokens)
     ids = tokenizer(expanded, add_special_tokens=True)["input_ids"]
     return {"input_ids": torch.tensor([ids], dtype=torch.long), "prompt_text": prompt_text}
+
+
+@dataclasses.dataclass
+class RolloutPrompt:
+    """One prompt. ``input_ids``: token ids with the video placeholder expanded (one ``<|video_pad|>`` per
+    visual token, as the trainer sees them). ``video``: its patches (HF engine, positions). ``frames``: the
+    decoded frames the patches came from (vLLM patchifies them itself; no second decode)."""
+
+    input_ids: list[int]
+    video: VideoInputs | None = None
+    frames: VideoFrames | None = None
+
+
+def build_prompt(tokenizer, hf_config, query: str, frames: VideoFrames, think: bool = True) -> RolloutPrompt:
+    """The Temporal-R1 prompt for ``query`` about the sampled ``frames``, patchified for ``hf_config``."""
+    vc = hf_config.vision_config
+    video = preprocess_video(frames.frames.cpu(), frames.sample_fps, patch_size=vc.patch_size,
+                             temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size)
+    ids = encode_prompt(tokenizer, query, video, think)["input_ids"][0].tolist()
+    return RolloutPrompt(input_ids=ids, video=video, frames=frames)

@@ -42,6 +42,36 @@ BACKENDS = ("auto", "pyav", "dali")
 _DALI_CPU_CODECS = ("vp8", "vp9", "mjpeg")
 _RESIZE_CHUNK = 16  # frames resized at once (bounds float32 memory at full resolution)
 
+
+@dataclasses.dataclass
+class VideoBudget:
+    """Frame sampling and resizing (``sample_frames``'s arguments, qwen-vl-utils semantics); the config section
+    ``data.video``. The defaults are the embedded demo's (8 frames of 56x56); ``temporal_r1()`` is the seed's
+    (2 fps, up to 2048 visual tokens)."""
+
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 8
+    total_pixels: int = 8 * 56 * 56 // 2  # 8 frames of 56x56 for the demo's 112x112 videos
+    min_pixels: int = 4 * 28 * 28
+
+    def __post_init__(self):
+        from megatron_tr1.errors import ConfigError
+
+        for name in ("fps", "min_frames", "max_frames", "total_pixels", "min_pixels"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be > 0")
+        if self.min_frames > self.max_frames:
+            raise ConfigError(f"min_frames={self.min_frames} > max_frames={self.max_frames}")
+        if self.total_pixels < self.min_pixels:
+            raise ConfigError(f"total_pixels={self.total_pixels} < min_pixels={self.min_pixels}")
+
+    @classmethod
+    def temporal_r1(cls) -> "VideoBudget":
+        """Temporal-R1's budget: ``sample_frames``' defaults."""
+        return cls(fps=FPS, min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES, total_pixels=TOTAL_PIXELS,
+                   min_pixels=MIN_PIXELS)
+
 # codec name -> (PyAV encoder, pixel format, encoder options, allowed container extensions).
 # Near-lossless (low CRF) so decode tests can compare pixels; the fast presets lose nothing at these CRFs.
 # MJPEG uses full-range yuvj420p, its standard 4:2:0 format (FFmpeg's MJPEG encoder rejects yuv420p).

@@ -154,19 +154,18 @@ def add_arguments(parser) -> None:
 
 
 def video_budget(args):
-    """The frame budget for ``--model`` or ``frame-oracle``: ``--train-config``'s, the run's ``config.yaml``
-    beside the model folder (``RUN/stages/<stage>/config.yaml``), or Temporal-R1's."""
-    from megatron_tr1.rl.config import VideoBudget, load_train_config
+    """The frame budget for ``--model`` or ``frame-oracle``: the ``data.video`` section of ``--train-config``, of the
+    run's ``config.yaml`` beside the model folder (``RUN/stages/<stage>/config.yaml``), or Temporal-R1's."""
+    from megatron_tr1.config import from_dict, load_yaml
+    from megatron_tr1.data.video import VideoBudget
 
     config = args.train_config
     if config is None and args.model and (Path(args.model).parent / "config.yaml").is_file():
         config = Path(args.model).parent / "config.yaml"
-    if config is not None:
-        return load_train_config(config).data.video
-    from megatron_tr1.data import video  # sample_frames' defaults: Temporal-R1's budget
-
-    return VideoBudget(fps=video.FPS, min_frames=video.FPS_MIN_FRAMES, max_frames=video.FPS_MAX_FRAMES,
-                       total_pixels=video.TOTAL_PIXELS, min_pixels=video.MIN_PIXELS)
+    if config is None:
+        return VideoBudget.temporal_r1()
+    section = ((load_yaml(config) or {}).get("data") or {}).get("video") or {}
+    return from_dict(VideoBudget, section, f"{config}: data.video")
 
 
 def build_predictor(args) -> tuple[Predictor, dict]:

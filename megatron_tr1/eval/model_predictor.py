@@ -1,10 +1,11 @@
 """A model as an ``eval.evaluate.Predictor``: greedy decoding of the grounding prompt through a rollout engine.
 
 ``EnginePredictor(engine, cache, think)`` takes each sample's Temporal-R1 prompt (think or answer-only) from a
-``rl.prompts.PromptCache`` (frames decoded with the training budget, ``rl.config.VideoBudget``, once while kept)
+``data.prompt_cache.PromptCache`` (frames decoded with the training budget, ``data.video.VideoBudget``, once while kept)
 and asks the engine for one greedy response per prompt, a batch at a time (only a batch's videos need be in
 memory). The trainer evaluates each stage with it (both modes share the trainer's cache); ``tr1 eval --model DIR``
-builds one from an HF folder (or a tr1 Megatron checkpoint, exported on the fly).
+builds one from an HF folder (or a tr1 Megatron checkpoint, exported to a temporary folder that is removed once the
+engine holds the weights).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from megatron_tr1.data.annotations import Sample
-from megatron_tr1.rl.prompts import PromptCache
+from megatron_tr1.data.prompt_cache import PromptCache
 from megatron_tr1.rollout.engine import Sampling
 
 
@@ -40,26 +41,24 @@ class EnginePredictor:
 
 
 def load_model_predictor(model_dir: str | Path, engine_kind: str, video, think: bool, max_tokens: int,
-                         name: str | None = None) -> EnginePredictor:
+                         name: str | None = None, backend=None) -> EnginePredictor:
     """A predictor for an HF folder or a tr1 Megatron checkpoint folder (``tr1_mcore.json``; exported to a
-    temporary HF folder first) on the ``engine_kind`` engine ("hf" or "vllm")."""
-    import torch
-
+    temporary HF folder, removed once the engine is built) on the ``engine_kind`` engine ("hf" or "vllm") of
+    ``backend`` (default: ``backend.resolve()``)."""
+    from megatron_tr1.backend import resolve
     from megatron_tr1.convert.checkpoint import META
     from megatron_tr1.convert.mcore_to_hf import convert_mcore_to_hf
-    from megatron_tr1.rl.policy import load_hf_config_and_tokenizer
-    from megatron_tr1.rollout.engine import make_engine
+    from megatron_tr1.models.qwen2_5_vl.hf_folder import load_hf_config_and_tokenizer
+    from megatron_tr1.rollout.factory import make_engine
 
+    backend = backend or resolve()
     model_dir = Path(model_dir)
-    if (model_dir / META).is_file():
-        hf_dir = Path(tempfile.mkdtemp(prefix="tr1-eval-")) / "hf"
-        convert_mcore_to_hf(model_dir, hf_dir, progress=False)
-        model_dir = hf_dir
-    hf_config, tokenizer = load_hf_config_and_tokenizer(model_dir)
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    kwargs = {"model_dir": str(model_dir), "dtype": dtype}
-    if engine_kind == "hf" and torch.cuda.is_available():
-        kwargs["device"] = "cuda"
-    engine = make_engine(engine_kind, hf_config, tokenizer, **kwargs)
+    with tempfile.TemporaryDirectory(prefix="tr1-eval-") as tmp:
+        hf_dir = model_dir
+        if (model_dir / META).is_file():
+            hf_dir = Path(tmp) / "hf"
+            convert_mcore_to_hf(model_dir, hf_dir, progress=False)
+        hf_config, tokenizer = load_hf_config_and_tokenizer(hf_dir)
+        engine = make_engine(engine_kind, hf_config, tokenizer, backend, model_dir=str(hf_dir))
     return EnginePredictor(engine, PromptCache(tokenizer, hf_config, video), think=think, max_tokens=max_tokens,
                            name=name or model_dir.name)

@@ -5,8 +5,7 @@ onto the position that predicts them: ``labels[t] = input_ids[t + 1]`` for the r
 ``t = P - 1 .. L - 2``, and ``IGNORE_INDEX`` everywhere else (prompt, last position, padding), so the model's
 per-token log-prob at ``t`` is the log-prob of response token ``t - P + 1``. ``loss_mask = labels != -100``.
 Per-response-token values (the engine's log-probs, per-token advantages) are put in the same place with
-``place_response``. Batches are either padded ``[B, L_max]`` (right padding) or packed ``[1, sum L]`` with
-``cu_seqlens`` (padding-free THD layout, megatron-core's ``PackedSeqParams``).
+``place_response``. Batches are padded ``[B, L_max]`` (right padding).
 """
 from __future__ import annotations
 
@@ -76,27 +75,6 @@ def pad_batch(seqs: Sequence[TokenSequence], pad_id: int, pad_multiple: int = 1)
     out["lengths"] = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     out["prompt_lengths"] = torch.tensor([len(s.prompt_ids) for s in seqs], dtype=torch.long)
     return out
-
-
-def pack_batch(seqs: Sequence[TokenSequence], pad_id: int, pad_multiple: int = 1) -> dict[str, torch.Tensor]:
-    """Packed ``[1, T]`` batch, each sequence padded to a multiple of ``pad_multiple`` (e.g. the TP size with
-    sequence parallelism): ``input_ids``, ``labels``, ``loss_mask``, ``cu_seqlens`` (int32 ``[B + 1]``,
-    padded boundaries), ``lengths`` and ``prompt_lengths`` (unpadded, ``[B]``), ``max_seqlen`` (0-d)."""
-    if not seqs:
-        raise ValueError("pack_batch of no sequences")
-    ids, labels, bounds = [], [], [0]
-    for seq in seqs:
-        t = sequence_tensors(seq)
-        pad = -len(seq) % pad_multiple
-        ids.append(torch.cat([t["input_ids"], torch.full((pad,), pad_id, dtype=torch.long)]))
-        labels.append(torch.cat([t["labels"], torch.full((pad,), IGNORE_INDEX, dtype=torch.long)]))
-        bounds.append(bounds[-1] + len(seq) + pad)
-    cu = torch.tensor(bounds, dtype=torch.int32)
-    labels_t = torch.cat(labels)[None]
-    return {"input_ids": torch.cat(ids)[None], "labels": labels_t, "loss_mask": labels_t != IGNORE_INDEX,
-            "cu_seqlens": cu, "max_seqlen": (cu[1:] - cu[:-1]).max(),
-            "lengths": torch.tensor([len(s) for s in seqs], dtype=torch.long),
-            "prompt_lengths": torch.tensor([len(s.prompt_ids) for s in seqs], dtype=torch.long)}
 
 
 def split_by_count(num: int, micro_batch_size: int) -> list[list[int]]:

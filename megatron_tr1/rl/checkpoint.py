@@ -19,7 +19,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ def capture_rng() -> dict:
     out = {"python": [version, list(state), gauss],
            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
            "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():  # CUDA in use (never on CPU)
         out["cuda"] = torch.cuda.get_rng_state_all()
     return out
 
@@ -122,13 +122,6 @@ class CheckpointManager:
             shutil.rmtree(path)
         path.mkdir(parents=True)
         return path
-
-    def save(self, state: TrainState, write_model: Callable[[Path], None] | None = None) -> Path:
-        """Single-process save: stage, let ``write_model(dir)`` write its files, commit. Returns the folder."""
-        staging = self.staging_dir(state.step)
-        if write_model is not None:
-            write_model(staging)
-        return self.commit(staging, state)
 
     def commit(self, staging: Path, state: TrainState) -> Path:
         """Write the trainer state into ``staging``, fsync, mark it complete, rename it into place, prune."""

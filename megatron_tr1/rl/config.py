@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from megatron_tr1.config import load_config
+from megatron_tr1.data.video import VideoBudget
 from megatron_tr1.errors import ConfigError
 from megatron_tr1.rewards import REWARDS
 
@@ -58,7 +59,8 @@ class ModelConfig:
     freeze_vision: bool = True  # the demo's tiny tower (random init) learns nothing useful; real recipes say false
     freeze_merger: bool = False
     freeze_llm: bool = False
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU, fp32 on CPU (backend.resolve)
+    layer_spec: Literal["auto", "local", "te"] = "auto"  # auto: te on a GPU with transformer-engine, else local
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     recompute: Literal["none", "selective", "full"] = "none"  # activation recomputation (megatron-core)
@@ -69,24 +71,6 @@ class ModelConfig:
             raise ConfigError(f"recompute={self.recompute!r} must be one of none, selective, full")
         if self.freeze_vision and self.freeze_merger and self.freeze_llm:
             raise ConfigError("freeze_vision, freeze_merger and freeze_llm are all true: nothing would be trained")
-
-
-@dataclass
-class VideoBudget:
-    """Frame sampling and resizing (qwen-vl-utils semantics, see ``data.video.sample_frames``)."""
-
-    fps: float = 2.0
-    min_frames: int = 4
-    max_frames: int = 8
-    total_pixels: int = 8 * 56 * 56 // 2  # 8 frames of 56x56 for the demo's 112x112 videos
-    min_pixels: int = 4 * 28 * 28
-
-    def __post_init__(self):
-        _positive(self, "fps", "min_frames", "max_frames", "total_pixels", "min_pixels")
-        if self.min_frames > self.max_frames:
-            raise ConfigError(f"min_frames={self.min_frames} > max_frames={self.max_frames}")
-        if self.total_pixels < self.min_pixels:
-            raise ConfigError(f"total_pixels={self.total_pixels} < min_pixels={self.min_pixels}")
 
 
 @dataclass
@@ -141,6 +125,7 @@ class RolloutConfig:
     max_tokens: int = 64
     seed: int = 0
     gpu_memory_utilization: float = 0.5  # vLLM only
+    sync_bucket_bytes: int = 512 * 2**20  # weight sync: largest flat buffer of converted weights (rollout.weight_sync)
 
     def __post_init__(self):
         if self.n < 2:
@@ -152,6 +137,7 @@ class RolloutConfig:
             raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        _positive(self, "sync_bucket_bytes")
 
 
 @dataclass
@@ -208,7 +194,8 @@ class OptimConfig:
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     micro_batch_size: int = 8
     global_batch_size: int = 64
-    max_tokens_per_micro_batch: int = 0  # > 0: pack micro-batches up to this many tokens (padding-free)
+    max_tokens_per_micro_batch: int = 0  # > 0: group sequences into micro-batches of at most this many unpadded
+    # tokens (each micro-batch is still padded to its longest sequence: no packed input yet)
 
     def __post_init__(self):
         _positive(self, "lr", "eps", "micro_batch_size", "global_batch_size")

@@ -182,16 +182,17 @@ def _responses(mbs: list[tuple[list[int], dict]], results: list[dict], seqs: lis
 def grpo_step(policy, optimizer, engine, ref_model, prompts_with_gt: Sequence[GroundingPrompt], cfg: TrainConfig,
               tokenizer, hf_config, *, step: int = 0, think: bool | None = None,
               refill: Callable[[int], list[GroundingPrompt]] | None = None,
-              reward_fn: Callable | None = None) -> dict[str, float]:
+              reward_fn: Callable | None = None, sync: Callable[[], None] | None = None) -> dict[str, float]:
     """One GRPO step on ``prompts_with_gt`` (this rank's prompts); returns the step's metrics.
 
     ``policy``: the model ``optimizer`` steps (megatron DDP-wrapped with a megatron optimizer, or plain with a
     torch one); ``ref_model``: the frozen reference (unused when ``algorithm.kl_coef`` is 0; may then be None);
     ``engine``: the rollout engine, holding the policy's weights and left holding the updated ones.
     ``step`` seeds sampling; ``think`` picks the reward (``algorithm.reward_name``); ``refill(k)`` gives k more
-    prompts for dynamic sampling; ``reward_fn`` overrides the configured reward.
+    prompts for dynamic sampling; ``reward_fn`` overrides the configured reward; ``sync`` (the backend's) makes
+    the step's timers wait for the device. The engine sleeps during the update and is left awake after the sync.
     """
-    a, timer = cfg.algorithm, StepTimer(torch.cuda.synchronize if torch.cuda.is_available() else None)
+    a, timer = cfg.algorithm, StepTimer(sync)
     reward_fn = reward_fn or REWARDS[a.reward_name(think)]
     stop_id, pad_id = stop_token_id(tokenizer), tokenizer.pad_token_id or 0
 
@@ -242,5 +243,6 @@ def grpo_step(policy, optimizer, engine, ref_model, prompts_with_gt: Sequence[Gr
     # 6. weight sync
     with timer("sync"):
         engine.wake_up()
-        sync_weights(unwrap(policy), hf_config, engine, dtype=engine.dtype)
+        sync_weights(unwrap(policy), hf_config, engine, dtype=engine.dtype,
+                     bucket_bytes=cfg.rollout.sync_bucket_bytes)
     return metrics | timer.stats(tokens=sum(len(s) for s in seqs))

@@ -34,10 +34,11 @@ def sft_loss_fn(batch: dict, logprobs: torch.Tensor):
 
 
 def sft_step(policy, optimizer, items: Sequence[GroundingPrompt], cfg: TrainConfig, tokenizer, hf_config,
-             think: bool | None = None) -> dict[str, float]:
+             think: bool | None = None, sync=None) -> dict[str, float]:
     """One optimizer step of SFT on ``items`` (this rank's batch, prompts built with frames); returns
-    ``loss`` (mean negative log-likelihood per answer token), ``grad_norm``, ``tokens`` and the time split."""
-    timer = StepTimer(torch.cuda.synchronize if torch.cuda.is_available() else None)
+    ``loss`` (mean negative log-likelihood per answer token), ``grad_norm``, ``tokens`` and the time split
+    (``sync``: the backend's, so the timer waits for the device)."""
+    timer = StepTimer(sync)
     seqs = sft_sequences(items, tokenizer, cfg.algorithm.think if think is None else think)
     with timer("update"):
         mbs = micro_batches(seqs, [i.prompt for i in items], list(range(len(seqs))), cfg, hf_config,

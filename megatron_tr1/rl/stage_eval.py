@@ -2,7 +2,7 @@
 ``eval.every``) the current weights on the test split during training.
 
 The engine holds the weights to evaluate (the trainer syncs them first). Both prompt modes' predictors share the
-trainer's ``rl.prompts.PromptCache``: a video is decoded once while it is kept, for every stage and mode.
+trainer's ``data.prompt_cache.PromptCache``: a video is decoded once while it is kept, for every stage and mode.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from megatron_tr1.data.annotations import Sample
 from megatron_tr1.rl.config import TrainConfig
-from megatron_tr1.rl.prompts import PromptCache
+from megatron_tr1.data.prompt_cache import PromptCache
 
 METRICS = ("mIoU", "R@0.3", "R@0.5", "R@0.7")
 

@@ -77,20 +77,23 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> dict[str, list]:
     return samples
 
 
-def prepare_model(cfg: TrainConfig, run_dir: Path) -> Path:
-    """``model.hf_dir``, or the demo's tiny random model written to ``RUN_DIR/model_init``."""
+def prepare_model(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path]:
+    """``(HF folder with config and tokenizer, first weights)``: ``model.hf_dir`` (an HF folder, or a tr1 Megatron
+    checkpoint and its ``hf/``), or the demo's tiny random model written to ``RUN_DIR/model_init``."""
     if cfg.model.hf_dir is not None:
-        from megatron_tr1.rl.policy import load_hf_config_and_tokenizer
+        from megatron_tr1.models.qwen2_5_vl.hf_folder import load_hf_config_and_tokenizer
+        from megatron_tr1.rl.policy import model_source
 
-        load_hf_config_and_tokenizer(cfg.model.hf_dir)  # ConfigError naming the folder and what is missing
-        return Path(cfg.model.hf_dir)
-    from megatron_tr1.rl.policy import write_demo_model_dir
+        hf_dir, weights = model_source(cfg.model.hf_dir)
+        load_hf_config_and_tokenizer(hf_dir)  # ConfigError naming the folder and what is missing
+        return hf_dir, weights
+    from megatron_tr1.demo import write_demo_model_dir
 
     folder = run_dir / "model_init"
     if _rank0():
         write_demo_model_dir(cfg.model.tiny, folder, seed=cfg.seed)
     _barrier()
-    return folder
+    return folder, folder
 
 
 def collect_results(run_dir: Path) -> dict:
@@ -144,15 +147,20 @@ def train(cfg: TrainConfig, resume: str | None = None, callbacks=()) -> str:
     from megatron_tr1.distributed import init_parallel
     from megatron_tr1.rl.trainer import Trainer
 
+    from megatron_tr1.backend import resolve
+
+    backend = resolve(cfg.model.layer_spec, cfg.model.dtype)  # the one CPU/GPU decision of this run
     single_process_env()
-    init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, seed=cfg.seed)
+    init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, seed=cfg.seed, backend=backend)
     check_layout(cfg, dist.get_world_size())
+    if _rank0():
+        log.info("backend: %s", backend.describe())
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    hf_dir = prepare_model(cfg, run_dir)  # first: a wrong model.hf_dir fails before any data work
+    hf_dir, weights = prepare_model(cfg, run_dir)  # first: a wrong model.hf_dir fails before any data work
     samples = prepare_data(cfg, run_dir)
-    status = Trainer(cfg, run_dir, hf_dir, samples, resume=resume or cfg.checkpoint.resume,
-                     callbacks=callbacks).run()
+    status = Trainer(cfg, run_dir, hf_dir, samples, resume=resume or cfg.checkpoint.resume, callbacks=callbacks,
+                     backend=backend, init_weights=weights).run()
     if status == "done" and _rank0():
         finish_run(cfg, run_dir)
     _barrier()

@@ -31,17 +31,21 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_tr1.backend import Backend, resolve
 from megatron_tr1.config import save_config
 from megatron_tr1.convert.checkpoint import read_meta
+from megatron_tr1.convert.weights import load_weights, save_weights
 from megatron_tr1.data.annotations import Sample
+from megatron_tr1.data.prompt_cache import PromptCache
 from megatron_tr1.distributed import barrier as _barrier, is_rank0 as _rank0
 from megatron_tr1.errors import CheckpointError
-from megatron_tr1.rl import optimizer_state, policy as policy_io
+from megatron_tr1.rl import optimizer_state
 from megatron_tr1.rl.checkpoint import CheckpointManager, TrainState, capture_rng
 from megatron_tr1.rl.config import STAGES, TrainConfig
 from megatron_tr1.rl.guards import NanGuard
 from megatron_tr1.rl.logger import MetricsLogger, ProgressBar
-from megatron_tr1.rl.prompts import GroundingPrompt, PromptCache, grounding_item
+from megatron_tr1.rl.policy import build_policy
+from megatron_tr1.rl.prompts import GroundingPrompt, grounding_item
 from megatron_tr1.rl.sampler import PromptSampler, shard
 from megatron_tr1.rl.stage_eval import StageEvaluator
 from megatron_tr1.rl.update import unwrap
@@ -112,34 +116,43 @@ def _from_last_stage(metrics: dict) -> dict:
 
 
 class Trainer:
-    """Runs the stages of ``cfg`` in ``run_dir`` given the data (``samples``: split -> list of ``Sample``) and
-    the starting HF folder ``hf_dir``. Call after ``distributed.init_parallel``."""
+    """Runs the stages of ``cfg`` in ``run_dir`` given the data (``samples``: split -> list of ``Sample``), the HF
+    folder ``hf_dir`` (config, tokenizer) and the first weights ``init_weights`` (default ``hf_dir``; an HF folder
+    or a tr1 Megatron checkpoint). Call after ``distributed.init_parallel``; ``backend`` is its result.
+
+    The rollout engine sleeps (on GPU: hands its memory to training) except to take weights, generate and
+    evaluate: ``wake_up`` -> ``sync_weights`` before a GRPO stage's first step and before evaluating a stage that
+    did not generate (base, SFT); ``grpo_step`` sleeps it after its rollouts and wakes it for its closing sync; the
+    end of every stage puts it back to sleep. The engine is built without weights (``load_format="dummy"`` for
+    vLLM, random for HF): every use of it follows a sync."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, hf_dir: Path, samples: dict[str, list[Sample]],
-                 resume: str | None = None, callbacks=()):
-        from megatron_tr1.rollout.engine import make_engine
+                 resume: str | None = None, callbacks=(), backend: Backend | None = None,
+                 init_weights: Path | None = None):
+        from megatron_tr1.models.qwen2_5_vl.hf_folder import load_hf_config_and_tokenizer
+        from megatron_tr1.rollout.factory import make_engine
 
         self.cfg, self.run_dir, self.hf_dir, self.samples = cfg, Path(run_dir), Path(hf_dir), samples
+        self.init_weights = Path(init_weights) if init_weights is not None else self.hf_dir
+        self.backend = backend or resolve(cfg.model.layer_spec, cfg.model.dtype)
         self.resume, self.callbacks = resume, list(callbacks)
-        self.hf_config, self.tokenizer = policy_io.load_hf_config_and_tokenizer(hf_dir)
+        self.hf_config, self.tokenizer = load_hf_config_and_tokenizer(hf_dir)
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.dp = ps.get_data_parallel_world_size()
         self.stop = StopFlag()
         self.engine = None  # the real engine, on the first rank of each model-parallel group
         group = ps.get_model_parallel_group() if dist.is_initialized() else None
         holder = group is None or dist.get_rank() == dist.get_process_group_ranks(group)[0]
-        on_gpu = torch.cuda.is_available()
-        dtype = torch.bfloat16 if on_gpu else torch.float32
         if holder:
-            kwargs = {"dtype": dtype}
+            kwargs = {}
             if cfg.rollout.engine == "vllm":
-                kwargs.update(model_dir=str(hf_dir), gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                              seed=cfg.seed, max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_tokens)
-            elif on_gpu:
-                kwargs["device"] = "cuda"
-            self.engine = make_engine(cfg.rollout.engine, self.hf_config, self.tokenizer, **kwargs)
+                kwargs.update(model_dir=str(hf_dir), load_format="dummy", seed=cfg.seed,
+                              gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                              max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_tokens)
+            self.engine = make_engine(cfg.rollout.engine, self.hf_config, self.tokenizer, self.backend, **kwargs)
         # what every rank of the group samples from; its dtype (the same on every rank) is the sync's
-        self.group_engine = GroupEngine(self.engine, group, dtype)
+        self.group_engine = GroupEngine(self.engine, group, self.backend.dtype)
+        self.group_engine.sleep()  # until a stage needs it
         # one cache of decoded videos for training and evaluation
         self.prompt_cache = PromptCache(self.tokenizer, self.hf_config, cfg.data.video, cfg.data.cache_gb)
         self.evaluator = StageEvaluator(cfg, self.engine, samples, self.prompt_cache)
@@ -202,11 +215,18 @@ class Trainer:
                 raise CheckpointError(f"stage {stage} starts from the base stage, which has not finished "
                                       f"({self.stage_dir('base')})")
             return base
-        return self.hf_dir
+        return self.init_weights
+
+    def sync_engine(self, model) -> None:
+        """Wake the engine and push ``model``'s weights into it (collective over the model-parallel group)."""
+        from megatron_tr1.rollout.weight_sync import sync_weights
+
+        self.group_engine.wake_up()
+        sync_weights(unwrap(model), self.hf_config, self.engine, dtype=self.group_engine.dtype,
+                     bucket_bytes=self.cfg.rollout.sync_bucket_bytes)
 
     def run_stage(self, stage: str) -> str:
         from megatron_tr1.distributed import wrap_ddp_and_optimizer
-        from megatron_tr1.rollout.weight_sync import sync_weights
 
         cfg, sc = self.cfg, getattr(self.cfg.stages, stage)
         grpo = stage.startswith("grpo")
@@ -215,15 +235,15 @@ class Trainer:
         per_step = cfg.rollout.prompts_per_step if grpo else cfg.stage_batch(stage)
         total = sc.total_steps(len(self.samples[self.stage_split(stage)]), per_step)
         lr = sc.lr or cfg.optim.lr
-        model = policy_io.build_policy(self.hf_config, cfg.model)
-        policy_io.load_weights(model, self.init_source(stage))
+        model = build_policy(self.hf_config, cfg.model, self.backend)
+        load_weights(model, self.init_source(stage))
         (policy,), optimizer = wrap_ddp_and_optimizer(
             [model], lr, cfg.optim.weight_decay, cfg.optim.grad_clip, adam_beta1=cfg.optim.betas[0],
             adam_beta2=cfg.optim.betas[1], adam_eps=cfg.optim.eps)
         ref = None
         if grpo and cfg.algorithm.kl_coef > 0:
-            ref = policy_io.build_policy(self.hf_config, cfg.model)
-            policy_io.load_weights(ref, self.init_source(stage))
+            ref = build_policy(self.hf_config, cfg.model, self.backend)
+            load_weights(ref, self.init_source(stage))
             ref.eval().requires_grad_(False)
         manager = CheckpointManager(self.ckpt_root / stage, cfg.checkpoint.keep_last)
         state, guard = TrainState(), NanGuard(cfg.logging.max_nan_steps)
@@ -238,7 +258,7 @@ class Trainer:
         sampler = PromptSampler(len(self.samples[self.stage_split(stage)]), cfg.seed, cfg.data.shuffle, state.epoch,
                                 state.index)
         if grpo:
-            sync_weights(unwrap(policy), self.hf_config, self.engine, dtype=self.group_engine.dtype)
+            self.sync_engine(policy)  # awake from here to the stage's end, but during the updates (grpo_step)
         logger = MetricsLogger(out, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
                                wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
                                resume_step=state.step if resume_from is not None else None) if _rank0() else None
@@ -263,8 +283,11 @@ class Trainer:
                 metrics["skipped"] = int(not applied)
                 state.step += 1
                 if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < total:
-                    sync_weights(unwrap(policy), self.hf_config, self.engine, dtype=self.group_engine.dtype)
+                    if not grpo:  # a GRPO step leaves the engine awake with the updated weights
+                        self.sync_engine(policy)
                     metrics |= self.evaluator.during_training(think)
+                    if not grpo:
+                        self.group_engine.sleep()
                 state.epoch, state.index = sampler.position
                 if logger is not None:
                     state.metrics.append(logger.log(state.step, metrics))
@@ -285,6 +308,7 @@ class Trainer:
             self.finish_stage(stage, model, state, think)
             return status
         finally:
+            self.group_engine.sleep()
             bar.close()
             if logger is not None:
                 logger.close()
@@ -299,7 +323,8 @@ class Trainer:
             items = self.base_items(indices, step, think)
         else:
             items = self.prompts("train", indices, think)
-        return sft_step(policy, optimizer, items, self.cfg, self.tokenizer, self.hf_config, think=think)
+        return sft_step(policy, optimizer, items, self.cfg, self.tokenizer, self.hf_config, think=think,
+                        sync=self.backend.sync)
 
     def grpo_step(self, policy, optimizer, ref, sampler: PromptSampler, step: int, think: bool) -> dict:
         from megatron_tr1.rl.grpo import grpo_step
@@ -311,7 +336,7 @@ class Trainer:
 
         items = draw(self.cfg.rollout.prompts_per_step // dp)
         return grpo_step(policy, optimizer, self.group_engine, ref, items, self.cfg, self.tokenizer, self.hf_config,
-                         step=step, think=think, refill=draw)
+                         step=step, think=think, refill=draw, sync=self.backend.sync)
 
     # ---------------------------------------------------------------- checkpoints
     def resume_path(self, stage: str, manager: CheckpointManager) -> Path | None:
@@ -332,7 +357,7 @@ class Trainer:
         staging = manager.staging_dir(state.step, str(int(tag))) if _rank0() else \
             manager.staging_path(state.step, str(int(tag)))
         _barrier()
-        policy_io.save_weights(model, staging / "model", self.hf_dir)
+        save_weights(model, staging / "model", self.hf_dir)
         optimizer_state.save_optimizer_state(optimizer, staging)
         _barrier()
         if _rank0():
@@ -344,7 +369,7 @@ class Trainer:
     def load_checkpoint(self, path: Path, model, optimizer) -> TrainState:
         """Model shards (resharded by ``convert`` if saved at another TP x PP), optimizer state, RNG, state."""
         state = CheckpointManager(path.parent).load(path)
-        policy_io.load_weights(model, path / "model")
+        load_weights(model, path / "model")
         meta = read_meta(path / "model")
         stored, ours = optimizer_state.saved_layout(path, meta.tp, meta.pp), optimizer_state.layout()
         if stored == ours:
@@ -364,12 +389,11 @@ class Trainer:
     # ---------------------------------------------------------------- end of stage
     def finish_stage(self, stage: str, model, state: TrainState, think: bool) -> None:
         """Final weights to ``stages/<stage>/model``, evaluation, plots, ``DONE``."""
-        from megatron_tr1.rollout.weight_sync import sync_weights
-
         out = self.stage_dir(stage)
-        sync_weights(model, self.hf_config, self.engine, dtype=self.group_engine.dtype)  # the engine evaluates
+        if not stage.startswith("grpo"):  # a GRPO stage's last step left its weights in the engine
+            self.sync_engine(model)  # the engine evaluates
         tmp = out / "model.tmp"
-        policy_io.save_weights(model, tmp, self.hf_dir)
+        save_weights(model, tmp, self.hf_dir)
         _barrier()
         if _rank0():
             import shutil

@@ -1,8 +1,3 @@
-"""Rollout engines (``engine.py``: interface + vLLM, ``hf_engine.py``: pure PyTorch) and weight sync."""
-from megatron_tr1.rollout.engine import (Response, RolloutEngine, RolloutPrompt, Sampling, VLLMEngine, build_prompt,
-                                         make_engine)
-from megatron_tr1.rollout.hf_engine import HFEngine
-from megatron_tr1.rollout.weight_sync import DEFAULT_BUCKET_BYTES, SyncStats, sync_weights
-
-__all__ = ["Response", "RolloutEngine", "RolloutPrompt", "Sampling", "VLLMEngine", "HFEngine", "build_prompt",
-           "make_engine", "sync_weights", "SyncStats", "DEFAULT_BUCKET_BYTES"]
+"""Rollouts: the engine interface and types (``engine.py``), the engines (``vllm_engine.py``, ``hf_engine.py``),
+``factory.make_engine``, one engine per model-parallel group (``shared.py``) and the weight sync (``weight_sync.py``).
+Import the modules themselves; nothing is re-exported here, so importing one engine never imports another."""

@@ -14,8 +14,8 @@ import torch
 
 from megatron_tr1.convert.mapping import hf_disk_name, name_list
 from megatron_tr1.errors import CheckpointError
-from megatron_tr1.rollout.engine import (Response, RolloutEngine, RolloutPrompt, Sampling, prompt_positions,
-                                         stop_token_id)
+from megatron_tr1.data.prompt import RolloutPrompt
+from megatron_tr1.rollout.engine import Response, RolloutEngine, Sampling, prompt_positions, stop_token_id
 
 
 def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator

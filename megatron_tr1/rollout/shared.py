@@ -14,7 +14,8 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_tr1.rollout.engine import Response, RolloutEngine, RolloutPrompt, Sampling
+from megatron_tr1.data.prompt import RolloutPrompt
+from megatron_tr1.rollout.engine import Response, RolloutEngine, Sampling
 
 
 class GroupEngine(RolloutEngine):

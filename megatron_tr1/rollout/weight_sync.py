@@ -12,8 +12,7 @@ per TP-split parameter of the owning stage (TP > 1), counted in ``SyncStats.coll
 tensor is handed over as a copy, so the buffer is freed before the next bucket is filled even while the engine
 still holds that tensor: no more than ``bucket_bytes`` of converted weights are ever buffered (plus the
 parameter being gathered, whose HF tensors may straddle two buckets, and the tensor the engine is loading).
-The whole stream goes through one ``engine.update_weights`` call per sync. ``bucketed`` applies the same
-packing to any ``(name, tensor)`` stream, without collectives.
+The whole stream goes through one ``engine.update_weights`` call per sync.
 """
 from __future__ import annotations
 
@@ -168,35 +167,6 @@ def gathered_hf_tensors(model: torch.nn.Module, dims: mapping.Dims, dtype: torch
                 yield views.popleft()
             yield name, last
             del last
-
-
-def bucketed(named: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype, bucket_bytes: int,
-             stats: SyncStats) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of ``named`` cast to ``dtype``, filled into buckets of at most ``bucket_bytes`` and released
-    one by one as the consumer takes them; ``stats`` records bytes, buckets and the largest bucket. The same
-    packing as ``bucket_plan``, for a stream whose shapes are not known in advance (no collectives)."""
-    bucket: collections.deque = collections.deque()
-    size = 0
-
-    def drain():
-        stats.buckets += 1
-        stats.peak_bucket_bytes = max(stats.peak_bucket_bytes, size)
-        while bucket:
-            yield bucket.popleft()
-
-    for name, tensor in named:
-        tensor = tensor.to(dtype).contiguous()
-        if tensor.nbytes > bucket_bytes:
-            raise _too_small(bucket_bytes, name, tensor.shape, dtype, tensor.nbytes)
-        if size + tensor.nbytes > bucket_bytes:
-            yield from drain()
-            size = 0
-        bucket.append((name, tensor))
-        size += tensor.nbytes
-        stats.tensors += 1
-        stats.bytes += tensor.nbytes
-    if bucket:
-        yield from drain()
 
 
 def sync_weights(model: torch.nn.Module, hf_config, engine=None, dtype: torch.dtype = torch.bfloat16,

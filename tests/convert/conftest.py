@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_tr1.testing.tiny_model import tiny_hf_model
+from megatron_tr1.demo import tiny_hf_model
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from megatron_tr1.convert import mapping
+from megatron_tr1.testing.reference import mcore_to_hf_state
 from megatron_tr1.errors import CheckpointError, ConfigError
-from megatron_tr1.testing.tiny_model import tiny_hf_config, tiny_hf_model
+from megatron_tr1.demo import tiny_hf_config, tiny_hf_model
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
@@ -28,7 +29,7 @@ def models():
 def test_round_trip_is_bit_exact_for_every_tensor(models, tp, pp, tied, groups):
     state, config = models[tied, groups]
     ranks = {(t, p): mapping.hf_to_mcore_state(state, config, t, tp, p, pp) for t in range(tp) for p in range(pp)}
-    back = dict(mapping.mcore_to_hf_state(ranks, config, tp, pp))
+    back = dict(mcore_to_hf_state(ranks, config, tp, pp))
     disk = {mapping.hf_disk_name(k): v for k, v in state.items() if not (tied and k == "lm_head.weight")}
     assert back.keys() == disk.keys()
     for name, tensor in disk.items():
@@ -84,7 +85,7 @@ def test_te_spelling_is_written_on_request_and_read_back(models):
     assert "vision.decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in te
     assert not any(k.endswith(("input_layernorm.weight", "pre_mlp_layernorm.weight")) for k in te)
     te["language_model.decoder.layers.0.self_attention.linear_qkv._extra_state"] = torch.empty(0)
-    back = dict(mapping.mcore_to_hf_state({(0, 0): te}, config, 1, 1))
+    back = dict(mcore_to_hf_state({(0, 0): te}, config, 1, 1))
     assert torch.equal(back["model.layers.0.input_layernorm.weight"],
                        state["model.language_model.layers.0.input_layernorm.weight"])
 

@@ -19,8 +19,8 @@ from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProce
 from megatron_tr1.data.processor import hf_preprocessor_configs, preprocess_video
 from megatron_tr1.data.prompt import SYSTEM_PROMPT_NO_THINK, SYSTEM_PROMPT_THINK, build_messages, encode_prompt
 from megatron_tr1.errors import DataError
-from megatron_tr1.testing import TINY_SPECIAL_TOKENS
-from megatron_tr1.testing.tiny_tokenizer import _tokenizer_json, build_tiny_tokenizer, vocab_size
+from megatron_tr1.demo import TINY_SPECIAL_TOKENS
+from megatron_tr1.demo import _tokenizer_json, build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_tiny_tokenizer_special_tokens(tok):
         assert ids.count(idx) == 1 and tok.decode(ids) == f"ab{token}cd"
     assert tok("<|im_end|>")["input_ids"] == [2]  # never split into bytes
     assert (tok.eos_token, tok.eos_token_id, tok.pad_token, tok.pad_token_id) == ("<|im_end|>", 2, "<|endoftext|>", 0)
-    assert vocab_size() == len(tok) == 512
+    assert len(build_tiny_tokenizer()) == len(tok) == 512
     assert max(max(tok(t)["input_ids"]) for t in ["hello", "\x00\x7f~", "<think>"]) < 512
 
 

@@ -6,7 +6,7 @@ import kernels
 from kernel_checks import assert_close, labels_for, linear_and_grads, logits_for, logprobs_and_grads
 from kernels import reference
 from kernels._dispatch import use_triton
-from megatron_tr1.testing.multiproc import run_ranks
+from megatron_tr1.launch import run_ranks
 
 N, H, V_LOCAL = 23, 8, 1009  # prime shard size; labels fall in both shards, plus ignored rows
 

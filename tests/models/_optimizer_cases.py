@@ -9,10 +9,11 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 
-from megatron_tr1.convert.mapping import mcore_to_hf_state
+from megatron_tr1.testing.reference import mcore_to_hf_state
 from megatron_tr1.distributed import init_parallel, wrap_ddp_and_optimizer
 from megatron_tr1.models.qwen2_5_vl import get_rope_index
-from megatron_tr1.testing.tiny_model import hf_logits, tiny_hf_model, tiny_mcore_model, tiny_video_batch
+from megatron_tr1.demo import tiny_hf_model
+from megatron_tr1.testing.tiny_model import hf_logits, tiny_mcore_model, tiny_video_batch
 
 from _parallel_cases import max_diff, mcore_logits, mean_ce
 

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_tr1.convert.mapping import mcore_to_hf_state
+from megatron_tr1.testing.reference import mcore_to_hf_state
 from megatron_tr1.distributed import init_parallel
 from megatron_tr1.models.qwen2_5_vl import get_rope_index
-from megatron_tr1.testing.tiny_model import hf_logits, tiny_hf_model, tiny_mcore_model, tiny_video_batch
+from megatron_tr1.demo import tiny_hf_model
+from megatron_tr1.testing.tiny_model import hf_logits, tiny_mcore_model, tiny_video_batch
 
 VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw")
 

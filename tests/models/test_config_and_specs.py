@@ -7,7 +7,7 @@ from megatron_tr1.errors import ConfigError
 from megatron_tr1.models.qwen2_5_vl.config import language_config, validate_layout, vision_config
 from megatron_tr1.models.qwen2_5_vl.specs import LayerSpecs, build_layer_specs
 from megatron_tr1.models.qwen2_5_vl.vision import frame_cu_seqlens, window_index
-from megatron_tr1.testing.tiny_model import tiny_hf_config
+from megatron_tr1.demo import tiny_hf_config
 
 
 def test_language_and_vision_configs_follow_the_hf_config():

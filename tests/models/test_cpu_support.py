@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from megatron_tr1.testing.cpu import enable_cpu_megatron
+from megatron_tr1.cpu import enable_cpu_megatron
 
 
 def test_enable_cpu_megatron_is_idempotent_and_redirects_cuda_calls():
@@ -55,7 +55,7 @@ from megatron.core.optimizer import clip_grads, distrib_optimizer
 from megatron.core.optimizer import optimizer as mcore_optimizer
 from megatron.core.transformer import utils
 init, mask = distrib_optimizer.DistributedOptimizer.__init__, utils.get_default_causal_mask
-from megatron_tr1.testing.cpu import enable_cpu_megatron
+from megatron_tr1.cpu import enable_cpu_megatron
 assert enable_cpu_megatron() is False and enable_cpu_megatron() is False
 assert torch.cuda.current_device is current_device and torch.Tensor.type is tensor_type
 assert clip_grads.torch is torch and mcore_optimizer.torch is torch and distrib_optimizer.torch is torch

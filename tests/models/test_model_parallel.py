@@ -8,8 +8,8 @@ its parts.
 """
 import pytest
 
-from megatron_tr1.testing.multiproc import run_ranks
-from megatron_tr1.testing.tiny_model import tiny_hf_config
+from megatron_tr1.launch import run_ranks
+from megatron_tr1.demo import tiny_hf_config
 
 import _parallel_cases as cases
 

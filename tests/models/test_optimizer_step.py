@@ -12,8 +12,8 @@ the step itself moves them by > 1e-3. The world starts once per module; the test
 import numpy as np
 import pytest
 
-from megatron_tr1.testing.multiproc import run_ranks
-from megatron_tr1.testing.tiny_model import tiny_hf_config
+from megatron_tr1.launch import run_ranks
+from megatron_tr1.demo import tiny_hf_config
 
 import _optimizer_cases as cases
 

@@ -5,8 +5,8 @@ import torch
 
 from megatron_tr1.errors import ConfigError
 from megatron_tr1.models.qwen2_5_vl import get_rope_index
-from megatron_tr1.testing import TINY_SPECIAL_TOKENS
-from megatron_tr1.testing.tiny_model import tiny_hf_model
+from megatron_tr1.demo import TINY_SPECIAL_TOKENS
+from megatron_tr1.demo import tiny_hf_model
 
 START, END = TINY_SPECIAL_TOKENS["<|vision_start|>"], TINY_SPECIAL_TOKENS["<|vision_end|>"]
 IMAGE, VIDEO = TINY_SPECIAL_TOKENS["<|image_pad|>"], TINY_SPECIAL_TOKENS["<|video_pad|>"]

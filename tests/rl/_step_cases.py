@@ -27,8 +27,9 @@ def setup(cfg: TrainConfig):
     """Parallel state, the tiny HF model, its megatron twin (the policy), the tokenizer, two synthetic prompts and
     a second twin (the frozen reference)."""
     from megatron_tr1.distributed import init_parallel
-    from megatron_tr1.testing.tiny_model import tiny_hf_model, tiny_mcore_model
-    from megatron_tr1.testing.tiny_tokenizer import build_tiny_tokenizer
+    from megatron_tr1.demo import tiny_hf_model
+    from megatron_tr1.testing.tiny_model import tiny_mcore_model
+    from megatron_tr1.demo import build_tiny_tokenizer
 
     init_parallel(1, 1)
     hf = tiny_hf_model(0)

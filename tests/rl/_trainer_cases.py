@@ -79,7 +79,6 @@ def fresh_run_refuses_existing_checkpoints(rank, world, root):
 def nan_case(rank, world, root):
     """Losses made NaN from the second step: the step is skipped (weights unchanged) and the third NaN in a
     row stops the run with TrainingDiverged."""
-    import torch
 
     from megatron_tr1.rl import sft
     from megatron_tr1.rl.guards import TrainingDiverged
@@ -132,3 +131,46 @@ def layout_case(rank, world, root, tp, pp):
                          "model.tiny.num_layers=2", "stages.base.enabled=false", "stages.sft.steps=2",
                          "stages.grpo.steps=1", "logging.progress=false")
     return {"status": train(cfg), "metrics": metrics(root)}
+
+
+def engine_sleep_case(rank, world, root):
+    """Base (2 steps), SFT (2) and GRPO (2) with ``eval.every=1``: whether the rollout engine was awake at every
+    training forward-backward (must not be), every ``generate`` and every weight load (must be)."""
+    from megatron_tr1.rl import grpo, sft
+    from megatron_tr1.rl.train_cli import train
+    from megatron_tr1.rollout.hf_engine import HFEngine
+
+    state = {"awake": True}  # an engine starts awake (vLLM holds its memory from construction)
+    seen = {"train": [], "generate": [], "load": []}
+    originals = {name: getattr(HFEngine, name) for name in ("sleep", "wake_up", "generate", "update_weights")}
+
+    def spy(name, key=None, awake=None):
+        def method(self, *args, **kwargs):
+            if key is not None:
+                seen[key].append(state["awake"])
+            if awake is not None:
+                state["awake"] = awake
+            return originals[name](self, *args, **kwargs)
+        return method
+
+    def training(module):
+        original = module.forward_backward
+
+        def forward_backward(*args, **kwargs):
+            if not kwargs.get("forward_only"):
+                seen["train"].append(state["awake"])
+            return original(*args, **kwargs)
+        module.forward_backward = forward_backward
+        return module, original
+
+    patched = [training(sft), training(grpo)]
+    HFEngine.sleep, HFEngine.wake_up = spy("sleep", awake=False), spy("wake_up", awake=True)
+    HFEngine.generate, HFEngine.update_weights = spy("generate", "generate"), spy("update_weights", "load")
+    try:
+        status = train(run_dir_config(root, "stages.grpo.steps=2", "eval.every=1", "eval.max_samples=2"))
+    finally:
+        for name, fn in originals.items():
+            setattr(HFEngine, name, fn)
+        for module, original in patched:
+            module.forward_backward = original
+    return {"status": status, "seen": seen, "awake_at_end": state["awake"]}

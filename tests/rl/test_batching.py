@@ -1,9 +1,8 @@
 import pytest
-import torch
 
 from megatron_tr1.errors import ConfigError
 from megatron_tr1.rewards import parse_answer, tvg_reward, tvg_reward_no_think
-from megatron_tr1.rl.batching import (IGNORE_INDEX, TokenSequence, pack_batch, pad_batch, place_response,
+from megatron_tr1.rl.batching import (IGNORE_INDEX, TokenSequence, pad_batch, place_response,
                                       sequence_tensors, sft_sequence, sft_target, split_by_count, split_by_tokens)
 
 STOP = 2
@@ -31,23 +30,6 @@ def test_pad_batch_right_pads_to_multiple():
     assert b["attention_mask"].sum(1).tolist() == [6, 4]
     assert b["lengths"].tolist() == [6, 4] and b["prompt_lengths"].tolist() == [3, 1]
     assert b["loss_mask"].sum().item() == 6
-
-
-def test_pack_batch_matches_padded_rows():
-    seqs = [TokenSequence([10, 11, 12], [20, 21, STOP]), TokenSequence([13], [22, 23, 24]),
-            TokenSequence([14, 15], [25])]
-    packed = pack_batch(seqs, pad_id=0)
-    assert packed["cu_seqlens"].tolist() == [0, 6, 10, 13] and packed["cu_seqlens"].dtype == torch.int32
-    assert packed["max_seqlen"].item() == 6 and packed["input_ids"].shape == (1, 13)
-    padded = pad_batch(seqs, pad_id=0)
-    for i, n in enumerate(packed["lengths"].tolist()):
-        s = packed["cu_seqlens"][i].item()
-        assert packed["labels"][0, s:s + n].tolist() == padded["labels"][i, :n].tolist()
-        assert packed["input_ids"][0, s:s + n].tolist() == padded["input_ids"][i, :n].tolist()
-    aligned = pack_batch(seqs, pad_id=0, pad_multiple=4)
-    assert aligned["cu_seqlens"].tolist() == [0, 8, 12, 16]
-    assert aligned["input_ids"][0, 6:8].tolist() == [0, 0] and aligned["labels"][0, 6:8].tolist() == [X, X]
-    assert aligned["loss_mask"].sum() == packed["loss_mask"].sum() == 7
 
 
 def test_split_by_tokens_first_fit_decreasing():

@@ -6,7 +6,7 @@ Log-prob tolerance 1e-5 between the engine's sampled-token log-probs and the tra
 """
 import math
 
-from megatron_tr1.testing.multiproc import run_ranks
+from megatron_tr1.launch import run_ranks
 
 from tests.rl import _step_cases
 
@@ -53,7 +53,7 @@ def test_old_logprobs_from_the_update_forward_equal_a_separate_pass():
 def test_sampled_video_placeholder_is_left_out():
     """A response holding a sampled <|video_pad|> is padded and dropped from the loss; others pass unchanged."""
     from megatron_tr1.rl.grpo import training_sequence
-    from megatron_tr1.testing.tiny_model import tiny_hf_config
+    from megatron_tr1.demo import tiny_hf_config
 
     config = tiny_hf_config()
     seq, ok = training_sequence([301, 302], [307, 308], config, pad_id=0)

@@ -8,11 +8,12 @@ import torch
 from megatron_tr1.data import synthetic
 from megatron_tr1.data.dataset import load_data_config, load_samples
 from megatron_tr1.errors import ConfigError
-from megatron_tr1.rl import prompts as prompts_module
-from megatron_tr1.rl.config import TrainConfig, VideoBudget
-from megatron_tr1.rl.prompts import PromptCache, grounding_item, grounding_prompt
-from megatron_tr1.testing.tiny_model import tiny_hf_config
-from megatron_tr1.testing.tiny_tokenizer import build_tiny_tokenizer
+from megatron_tr1.data import prompt_cache as prompts_module
+from megatron_tr1.data.prompt_cache import PromptCache
+from megatron_tr1.data.video import VideoBudget
+from megatron_tr1.demo import build_tiny_tokenizer, tiny_hf_config
+from megatron_tr1.rl.config import TrainConfig
+from megatron_tr1.rl.prompts import grounding_item, grounding_prompt
 
 VIDEO = VideoBudget(max_frames=4)
 SAMPLE_PROMPT = prompts_module.sample_prompt  # the real one (the ``decodes`` fixture wraps it)

@@ -3,7 +3,7 @@ on the micro-batch split; a few steps on one sample lower the loss (tiny model, 
 import math
 
 from megatron_tr1.rl.batching import format_seconds
-from megatron_tr1.testing.multiproc import run_ranks
+from megatron_tr1.launch import run_ranks
 
 from tests.rl import _step_cases
 

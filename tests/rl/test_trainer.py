@@ -9,7 +9,7 @@ import pytest
 from megatron_tr1.data.annotations import Sample
 from megatron_tr1.rl.prompts import GroundingPrompt
 from megatron_tr1.rl.trainer import Trainer, lr_at, random_span
-from megatron_tr1.testing.multiproc import run_ranks
+from megatron_tr1.launch import run_ranks
 
 from tests.rl import _trainer_cases as cases
 
@@ -137,3 +137,16 @@ def test_pp2_run_matches_pp1(tmp_path):
     grpo = pp2["metrics"]["grpo"][0]
     assert grpo["logprob_mismatch/max"] < 1e-4 and grpo["loss"] != 0.0 and grpo["entropy"] > 0
     assert pp2["metrics"]["results"]["sft"] == pp1["metrics"]["results"]["sft"]
+
+
+def test_engine_sleeps_except_to_sync_generate_and_evaluate(tmp_path):
+    """The stage loop owns the engine's sleep: asleep at every training step of base, SFT and GRPO (on a GPU vLLM
+    would otherwise hold its memory share through thousands of SFT steps), awake at every weight load and
+    every generation (rollouts and evaluations), asleep after the run."""
+    (out,) = run_ranks(cases.engine_sleep_case, 1, str(tmp_path), timeout=600)
+    seen = out["seen"]
+    assert out["status"] == "done"
+    assert len(seen["train"]) >= 6 and not any(seen["train"]), seen["train"]
+    assert seen["generate"] and all(seen["generate"]), seen["generate"]
+    assert seen["load"] and all(seen["load"]), seen["load"]
+    assert out["awake_at_end"] is False

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_tr1.data.video import VideoFrames
-from megatron_tr1.rollout.engine import Sampling, build_prompt, stop_token_id
+from megatron_tr1.data.prompt import build_prompt
+from megatron_tr1.rollout.engine import Sampling, stop_token_id
 
 VIDEO_SHAPE = (4, 3, 32, 48)  # frames of the tiny model's 4x4 patches: grid (2, 8, 12), 48 visual tokens
 
@@ -49,7 +50,7 @@ def stop_case(engine, hf, tokenizer, push):
 def write_model_dir(hf, path) -> str:
     """An HF model directory of ``hf`` for vLLM: weights, config, tiny tokenizer and processor configs (the
     tiny model's 4-pixel patches; pixel bounds that leave the tiny frames unresized)."""
-    from megatron_tr1.testing.tiny_tokenizer import build_tiny_tokenizer
+    from megatron_tr1.demo import build_tiny_tokenizer
 
     hf.save_pretrained(path)
     build_tiny_tokenizer(path)
@@ -89,8 +90,9 @@ def sync_case(rank, world, tie, bucket_bytes):
     from megatron_tr1.rollout.engine import Sampling
     from megatron_tr1.rollout.hf_engine import HFEngine
     from megatron_tr1.rollout.weight_sync import sync_weights
-    from megatron_tr1.testing.tiny_model import tiny_hf_model, tiny_mcore_model
-    from megatron_tr1.testing.tiny_tokenizer import build_tiny_tokenizer
+    from megatron_tr1.demo import tiny_hf_model
+    from megatron_tr1.testing.tiny_model import tiny_mcore_model
+    from megatron_tr1.demo import build_tiny_tokenizer
 
     init_parallel(2, 1)
     hf = tiny_hf_model(0, tie_word_embeddings=tie)
@@ -133,8 +135,9 @@ def pp_sync_case(rank, world, tie, bucket_bytes=300 * 1024):
     from megatron_tr1.distributed import init_parallel
     from megatron_tr1.rollout.hf_engine import HFEngine
     from megatron_tr1.rollout.weight_sync import sync_weights
-    from megatron_tr1.testing.tiny_model import tiny_hf_model, tiny_mcore_model
-    from megatron_tr1.testing.tiny_tokenizer import build_tiny_tokenizer
+    from megatron_tr1.demo import tiny_hf_model
+    from megatron_tr1.testing.tiny_model import tiny_mcore_model
+    from megatron_tr1.demo import build_tiny_tokenizer
 
     init_parallel(1, 2)
     hf = tiny_hf_model(0, tie_word_embeddings=tie)

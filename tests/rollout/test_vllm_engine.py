@@ -12,8 +12,9 @@ import torch
 
 from megatron_tr1.convert.mapping import hf_disk_name
 from megatron_tr1.rollout.engine import Sampling
-from megatron_tr1.rollout.weight_sync import SyncStats, bucketed
-from megatron_tr1.testing.tiny_model import tiny_hf_config, tiny_hf_model
+from megatron_tr1.rollout.weight_sync import SyncStats
+from megatron_tr1.testing.reference import bucketed
+from megatron_tr1.demo import tiny_hf_config, tiny_hf_model
 
 import _cases
 from _cases import recomputed_logprobs
@@ -68,7 +69,7 @@ def hf_stream(model):
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
 def setup(request, tmp_path_factory, tokenizer):
     """A vLLM engine started on random weights (seed 1), then sent the weights of the model of seed 0."""
-    from megatron_tr1.rollout.engine import VLLMEngine
+    from megatron_tr1.rollout.vllm_engine import VLLMEngine
 
     tie = request.param
     start = tiny_hf_model(1, tie_word_embeddings=tie)

@@ -12,9 +12,10 @@ import torch
 
 from megatron_tr1.convert.mapping import REPLICATED, Dims, expected_hf_names, params
 from megatron_tr1.errors import ConfigError
-from megatron_tr1.rollout.weight_sync import SyncStats, bucket_plan, bucketed, check_bucket_bytes
-from megatron_tr1.testing.multiproc import run_ranks
-from megatron_tr1.testing.tiny_model import tiny_hf_config
+from megatron_tr1.rollout.weight_sync import SyncStats, bucket_plan, check_bucket_bytes
+from megatron_tr1.testing.reference import bucketed
+from megatron_tr1.launch import run_ranks
+from megatron_tr1.demo import tiny_hf_config
 
 import _cases
 import _sync_cases
@@ -112,7 +113,7 @@ def test_pp2_sync_equals_policy_weights():
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_tp2_pp2_sync_after_optimizer_step_equals_gathered_shards(tie):
     """TP=2 x PP=2 (4 ranks): after an Adam step, rank 0's engine receives every HF tensor once, exactly
-    ``mapping.mcore_to_hf_state`` of all ranks' shards; each rank issues one PP broadcast per bucket plus one TP
+    ``testing.reference.mcore_to_hf_state`` of all ranks' shards; each rank issues one PP broadcast per bucket plus one TP
     all-gather per TP-split parameter of its stage; nothing received is backed by more than a bucket."""
     bucket = 300 * 1024
     results = run_ranks(_sync_cases.tp2_pp2_sync_case, 4, tie, bucket)

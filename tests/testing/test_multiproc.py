@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_tr1.testing.multiproc import run_ranks
+from megatron_tr1.launch import run_ranks
 
 
 def _allreduce(rank, world_size, base):

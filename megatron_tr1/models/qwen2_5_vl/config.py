@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_tr1.convert.mapping import Dims
+from megatron_tr1.models.qwen2_5_vl.size import Dims
 from megatron_tr1.errors import ConfigError
 
 VISION_NORM_EPS = 1e-6  # fixed in Qwen2.5-VL's vision blocks and merger (not in the HF config)

@@ -31,8 +31,8 @@ class Qwen2_5_VLModel(MegatronModule):
         config = language_config(hf_config, tp, pp, params_dtype, cpu_init, sequence_parallel, recompute)
         super().__init__(config)
         if sequence_parallel:
-            raise ConfigError("model.sequence_parallel=True is not supported yet: the visual embeddings are "
-                              "spliced into the full-sequence embeddings; set it to False")
+            raise ConfigError("Qwen2_5_VLModel(sequence_parallel=True): sequence parallelism is not supported yet "
+                              "(the visual embeddings are spliced into the full-sequence embeddings)")
         self.hf_config = hf_config
         self.model_type = ModelType.encoder_or_decoder  # for megatron's pipeline schedules
         self.pre_process = parallel_state.is_pipeline_first_stage()

@@ -5,7 +5,7 @@ with or without the distributed optimizer, ``clip_grad``). Without apex / Transf
 already falls back to ``torch.optim.Adam`` and to the pure-torch ``local_multi_tensor_*`` helpers; what is
 left are ``device='cuda'`` literals and ``param.type() == 'torch.cuda.FloatTensor'`` checks. Nothing is
 needed in ``distributed/param_and_grad_buffer.py``: its only literal (``device="cuda"``) is on the NCCL
-user-buffer path, its ``torch.cuda.current_device()`` calls are covered by ``cpu.py`` patch 1, and its
+user-buffer path, its ``torch.cuda.current_device()`` calls are covered by ``megatron.py`` patch 1, and its
 streams are used only with ``overlap_grad_reduce``. Not covered: the optimizer-state checkpoint gather
 with ``use_gloo_comm=False`` (``send_tensor.cuda()`` in ``DistributedOptimizer.get_parameter_state_dp_zero``;
 the default ``use_gloo_comm=True`` already stays on CPU) and CPU-offloaded optimizer states.

@@ -1,9 +1,10 @@
-"""Run a function on N gloo ranks (CPU) and gather what each rank returns.
+"""Run a function on N local ranks (one process each) and gather what each rank returns.
 
-Used by multi-rank tests (TP=2, PP=2, DP=2) and by ``tr1 verify``. Each rank runs ``fn(rank, world_size,
-*args)`` after ``torch.distributed`` is initialised with the gloo backend on a free loopback port; the return
-values (picklable) come back in rank order. An exception on any rank is re-raised here with that rank's
-traceback, so a failing test shows the real error.
+Used by ``tr1 verify``, ``tr1 selftest`` and the multi-rank tests (TP=2, PP=2, DP=2). Each rank runs
+``fn(rank, world_size, *args)`` after ``torch.distributed`` is initialised on a free loopback port with
+``dist_backend`` (gloo, the CPU default; NCCL on a GPU node, rank ``r`` on GPU ``r``); the launcher variables
+(``RANK``, ``LOCAL_RANK``, ...) are set as torchrun sets them. The return values (picklable) come back in rank
+order. An exception on any rank is re-raised here with that rank's traceback, so a failure shows the real error.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, threads: int) -> None:
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, threads: int,
+            dist_backend: str) -> None:
     import torch
     import torch.distributed as dist
 
@@ -29,7 +31,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if dist_backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(dist_backend, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         queue.put((rank, True, result))
     except BaseException:  # report, never hang the parent
@@ -39,15 +43,17 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0, threads: int = 1) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the results in rank order.
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0, threads: int = 1,
+              dist_backend: str = "gloo") -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks; return the results in rank order.
 
     ``fn`` must be importable (a module-level function), as ranks are started with ``spawn``.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, threads), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, threads, dist_backend),
+                         daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()

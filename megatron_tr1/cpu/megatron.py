@@ -1,10 +1,11 @@
-"""The CPU stand-in for megatron-core's CUDA-only calls (megatron-core 0.16.1), for tests and the CPU demo.
+"""The CPU stand-in for megatron-core's CUDA-only calls (megatron-core 0.16.1): the CPU backend's model part.
 
 megatron-core runs on CPU with gloo and ``TransformerConfig(use_cpu_initialization=True)`` once the few
 places that hard-code CUDA are redirected. ``enable_cpu_megatron()`` does exactly that, once per process
-(a second call does nothing). On a machine with CUDA it is a no-op that returns False and touches nothing,
-so calling it can never change the GPU path. Each patch below says what it replaces and why; patches 1-6
-cover the model and the pipeline schedules, 7-10 (``cpu_optimizer.py``) megatron's DDP and optimizers.
+(a second call does nothing). Only ``megatron_tr1.backend.resolve`` calls it, and only on a machine without
+CUDA; on a machine with CUDA it refuses (returns False, touches nothing), so it can never change the GPU path.
+Each patch below says what it replaces and why; patches 1-6 cover the model and the pipeline schedules, 7-10
+(``optimizer.py``) megatron's DDP and optimizers.
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def enable_cpu_megatron() -> bool:
     LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
 
     # 7-10. DistributedDataParallel and the optimizers (Adam, clip_grad, distributed optimizer).
-    from megatron_tr1.testing.cpu_optimizer import patch_ddp_and_optimizer
+    from megatron_tr1.cpu.optimizer import patch_ddp_and_optimizer
     patch_ddp_and_optimizer(_TorchWithCpuDefaults())
     _ENABLED = True
     return True

@@ -1,0 +1,77 @@
+"""Decoded videos kept for reuse: ``PromptCache`` builds the prompts of samples in either prompt mode, decoding each
+video once while it is kept (training and evaluation share one).
+
+``sample_prompt`` decodes a sample's frames with a ``data.video.VideoBudget`` and builds its ``RolloutPrompt``;
+``prompt_in_mode`` re-encodes only the text of a prompt (another query or mode on the same frames).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from typing import Sequence
+
+from megatron_tr1.data.annotations import Sample
+from megatron_tr1.data.prompt import RolloutPrompt, build_prompt, encode_prompt
+from megatron_tr1.data.video import sample_frames
+
+
+def sample_prompt(sample: Sample, tokenizer, hf_config, video, think: bool) -> RolloutPrompt:
+    """``sample``'s prompt, its frames decoded with the budget ``video`` (``data.video.VideoBudget``)."""
+    frames = sample_frames(sample.video, fps=video.fps, min_frames=video.min_frames, max_frames=video.max_frames,
+                           total_pixels=video.total_pixels, min_pixels=video.min_pixels)
+    return build_prompt(tokenizer, hf_config, sample.query, frames, think)
+
+
+class PromptCache:
+    """Prompts of samples in either mode (think / answer only), decoding each video once while it is kept.
+
+    A video's frames are decoded on its first prompt; every other prompt on it (the other mode, another query on
+    the same video, as Charades-STA has ~2.3 per video) re-encodes only the text and shares the patches. Videos
+    beyond ``max_gb`` (``data.cache_gb``) go least recently used first; ``max_gb=0`` keeps none. At 2048 visual
+    tokens a video is ~48 MB (fp32 patches, uint8 frames): a whole Charades split would not fit in host memory.
+    """
+
+    def __init__(self, tokenizer, hf_config, video, max_gb: float = 8.0):
+        self.tokenizer, self.hf_config, self.video = tokenizer, hf_config, video
+        self.max_bytes = int(max_gb * 2**30)
+        self.nbytes = 0
+        self.decodes = 0  # videos decoded so far (a revisit after eviction decodes again)
+        self._videos: OrderedDict[str, dict[tuple[str, bool], RolloutPrompt]] = OrderedDict()
+
+    def __call__(self, samples: Sequence[Sample], think: bool) -> list[RolloutPrompt]:
+        return [self.get(s, think) for s in samples]
+
+    def get(self, sample: Sample, think: bool) -> RolloutPrompt:
+        key = (sample.query, think)
+        prompts = self._videos.get(str(sample.video))
+        if prompts is None:
+            prompt = sample_prompt(sample, self.tokenizer, self.hf_config, self.video, think)
+            self.decodes += 1
+            self._keep(str(sample.video), key, prompt)
+            return prompt
+        self._videos.move_to_end(str(sample.video))
+        if key not in prompts:
+            prompts[key] = prompt_in_mode(next(iter(prompts.values())), sample.query, self.tokenizer, think)
+        return prompts[key]
+
+    def _keep(self, video: str, key: tuple[str, bool], prompt: RolloutPrompt) -> None:
+        size = _nbytes(prompt)
+        if size > self.max_bytes:  # never kept: keep what is there
+            return
+        while self.nbytes + size > self.max_bytes:
+            _, old = self._videos.popitem(last=False)
+            self.nbytes -= _nbytes(next(iter(old.values())))  # a video's prompts share its patches and frames
+        self._videos[video] = {key: prompt}
+        self.nbytes += size
+
+
+def _nbytes(prompt: RolloutPrompt) -> int:
+    """Host memory of a prompt's video: its patches and the decoded frames (vLLM's input)."""
+    tensors = [prompt.video.pixel_values_videos] + ([prompt.frames.frames] if prompt.frames is not None else [])
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def prompt_in_mode(prompt: RolloutPrompt, query: str, tokenizer, think: bool) -> RolloutPrompt:
+    """``prompt``'s frames and patches with the text of ``query`` in the ``think`` (or answer-only) mode."""
+    ids = encode_prompt(tokenizer, query, prompt.video, think)["input_ids"][0].tolist()
+    return dataclasses.replace(prompt, input_ids=ids)

