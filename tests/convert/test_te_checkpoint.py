@@ -3,6 +3,7 @@ one does, on CPU: ``tr1 verify`` gives the same logits, ``tr1 convert mcore-to-h
 --model`` the same answers, and ``tr1 train model.hf_dir=<checkpoint>`` the same metrics."""
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,9 @@ def test_converts_back_to_the_same_hf_tensors(ckpts):
     assert all(torch.equal(back["te"][k], v) for k, v in back["local"].items())
 
 
-def test_evaluates_to_the_same_answers(ckpts):
+def test_evaluates_to_the_same_answers(ckpts, tmp_path, monkeypatch):
+    """... and leaves no temporary export behind (``eval.model_predictor`` exports a checkpoint to HF first)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     answers = {}
     for spec in ("local", "te"):
         out = ckpts / f"eval_{spec}"
@@ -58,6 +61,7 @@ def test_evaluates_to_the_same_answers(ckpts):
                     "--max-tokens", "6", "--out", str(out)]) == 0
         answers[spec] = [json.loads(line)["raw"] for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert answers["te"] == answers["local"] and len(answers["te"]) == 4
+    assert not list(tmp_path.iterdir())  # the exported HF folders are gone
 
 
 def train_case(rank, world, root, ckpt):
