@@ -2,13 +2,16 @@
 
 Layout of a checkpoint directory ``OUT``::
 
-    OUT/tr1_mcore.json                         format, version, tp, pp, spec, layers, dtype, tied, files
+    OUT/tr1_mcore.json                         format, version, tp, pp, spec, layers, dtype, tied, files, checksums
     OUT/mp_rank_{tp:02d}_{pp:03d}/model.safetensors   that rank's Megatron state dict (or model-0000k-of-N
-                                               .safetensors + index when larger than the shard size)
+                                               .safetensors + index when larger than the shard size), each with
+                                               its ``.sha256`` when ``checksums`` is "sha256" (``convert.integrity``)
     OUT/hf/                                    config.json, generation config, tokenizer, processor files
 
 ``load_mcore_state`` returns one rank's state dict; when the stored TP/PP differ from the requested ones it
-merges the stored shards into HF tensors and splits them again, both through ``mapping``.
+merges the stored shards into HF tensors and splits them again, both through ``mapping``. Every file is checked
+against its checksum before its first tensor is read (when the checkpoint has them), and every tensor must be
+finite: a corrupted or diverged checkpoint is refused with the file's name, never used.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_tr1.convert import mapping
+from megatron_tr1.convert import integrity, mapping
 from megatron_tr1.convert.storage import SafetensorsDir
 from megatron_tr1.errors import CheckpointError
 
@@ -43,6 +46,7 @@ class Meta:
     dtype: str
     tied_embeddings: bool
     files: dict[str, list[str]]  # rank dir -> safetensors file names
+    checksums: str = ""  # "sha256": every file has a .sha256 sidecar (older checkpoints: none)
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "version": VERSION, **self.__dict__}, indent=2) + "\n"
@@ -60,10 +64,11 @@ def read_meta(mcore_dir: str | os.PathLike) -> Meta:
     if raw.get("format") != FORMAT or raw.get("version") != VERSION:
         raise CheckpointError(f"{path}: format={raw.get('format')!r} version={raw.get('version')!r}, expected "
                               f"{FORMAT!r} version {VERSION}; re-convert with this version of tr1")
-    try:
-        return Meta(**{k: raw[k] for k in Meta.__dataclass_fields__})
-    except KeyError as e:
-        raise CheckpointError(f"{path}: field {e.args[0]!r} is missing; re-convert the checkpoint") from None
+    optional = {"checksums"}
+    missing = [k for k in Meta.__dataclass_fields__ if k not in raw and k not in optional]
+    if missing:
+        raise CheckpointError(f"{path}: field {missing[0]!r} is missing; re-convert the checkpoint")
+    return Meta(**{k: raw[k] for k in Meta.__dataclass_fields__ if k in raw})
 
 
 def read_dims(mcore_dir: str | os.PathLike, meta: Meta) -> mapping.Dims:
@@ -95,6 +100,9 @@ class MCoreReader:
             name = rank_dir(tp_rank, pp_rank)
             if name not in self.meta.files:
                 raise CheckpointError(f"{self.dir / META}: no files listed for {name}; re-convert the checkpoint")
+            if self.meta.checksums:
+                for f in self.meta.files[name]:
+                    integrity.verify_checksum(self.dir / name / f)
             files = SafetensorsDir(self.dir / name, self.meta.files[name])
             local = {mapping.mcore_local_name(k): k for k in files if mapping.is_weight_name(k)}
             stage = mapping.params(self.dims, pp_rank, self.meta.pp)
@@ -116,6 +124,9 @@ class MCoreReader:
         if tuple(t.shape) != want:
             raise CheckpointError(f"config mismatch: {files.file_of(local[p.mcore])} tensor {local[p.mcore]} has "
                                   f"shape {tuple(t.shape)} but {self.dims.source} at tp={self.meta.tp} implies {want}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{files.file_of(local[p.mcore])}: tensor {local[p.mcore]} holds NaN or inf "
+                                  f"values; the run had diverged when it was saved: use an earlier checkpoint")
         return t
 
     def hf_tensors(self, pp_rank: int, p: mapping.Param) -> dict[str, torch.Tensor]:

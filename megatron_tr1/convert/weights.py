@@ -7,8 +7,11 @@ in-memory HF state dict. Names are matched in their spelling-independent form (`
 given, none may be left over and shapes must agree (``CheckpointError`` naming the source and the tensors).
 The trainer, ``tr1 verify``, ``tr1 selftest``, the benchmarks and the tests load through here.
 
+Every tensor loaded must be finite (a NaN or inf is refused, naming the tensor and the source); tr1 checkpoints are
+checked against their checksums first (``convert.checkpoint``).
+
 ``save_weights(model, out, hf_dir)`` writes this rank's shard into the tr1 Megatron layout in the spelling the
-model actually has (``tr1_mcore.json``'s ``spec`` says which).
+model actually has (``tr1_mcore.json``'s ``spec`` says which), with its SHA-256 beside it (``convert.integrity``).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_tr1.convert import mapping
+from megatron_tr1.convert import integrity, mapping
 from megatron_tr1.convert.checkpoint import HF_SUBDIR, META, Meta, load_mcore_state, rank_dir
 from megatron_tr1.convert.storage import SafetensorsDir, copy_hf_side_files
 from megatron_tr1.errors import CheckpointError
@@ -75,6 +78,10 @@ def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where:
     if wrong:
         raise CheckpointError(f"{where}: shapes differ from this model's (given vs model): {', '.join(wrong[:6])}"
                               f"{' ...' if len(wrong) > 6 else ''}; the weights belong to another config")
+    bad = [k for k, v in given.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{where}: {len(bad)} tensor(s) hold NaN or inf values: {mapping.name_list(bad)}; "
+                              f"the weights are diverged or corrupted: use another checkpoint")
     with torch.no_grad():
         for name, target in current.items():
             target.copy_(given[name])
@@ -85,6 +92,12 @@ def load_weights(model: torch.nn.Module, source, hf_config=None) -> str:
     state, kind = rank_state(source, hf_config)
     load_state(model, state, "HF state" if kind == "hf-state" else str(source))
     return kind
+
+
+def nonfinite(model: torch.nn.Module) -> list[str]:
+    """The names of this rank's weights holding NaN or inf (empty when all are finite)."""
+    return [k for k, v in model.state_dict().items()
+            if mapping.is_weight_name(k) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def save_weights(model: torch.nn.Module, out: str | os.PathLike, hf_dir: str | os.PathLike) -> None:
@@ -104,6 +117,7 @@ def save_weights(model: torch.nn.Module, out: str | os.PathLike, hf_dir: str | o
         folder = out / rank_dir(tp_rank, pp_rank)
         folder.mkdir(parents=True, exist_ok=True)
         save_file(state, str(folder / WEIGHTS_FILE))
+        integrity.write_checksum(folder / WEIGHTS_FILE)
     if not dist.is_initialized() or dist.get_rank() == 0:
         copy_hf_side_files(hf_dir, out / HF_SUBDIR)
         hf_config = json.loads((Path(hf_dir) / "config.json").read_text())
@@ -111,5 +125,5 @@ def save_weights(model: torch.nn.Module, out: str | os.PathLike, hf_dir: str | o
         dtype = str(next(iter(model.state_dict().values())).dtype).removeprefix("torch.")
         meta = Meta(tp=tp, pp=pp, spec=model_spelling(names), num_layers=dims.layers, dtype=dtype,
                     tied_embeddings=dims.tied, files={rank_dir(t, p): [WEIGHTS_FILE] for t in range(tp)
-                                                      for p in range(pp)})
+                                                      for p in range(pp)}, checksums=integrity.ALGORITHM)
         (out / META).write_text(meta.to_json())

@@ -1,13 +1,22 @@
 """Atomic checkpoints of the training state around the model: step, data position, RNG, extra state, metrics.
 
-Layout: ``ROOT/step_000123/`` holding ``trainer_state.json`` (step, epoch, index, metrics), ``trainer_state.pt``
-(RNG states and the ``extra`` dict; loaded with ``torch.load(weights_only=True)``), whatever the trainer's
-``write_model(dir)`` callback wrote (megatron distributed checkpoint, optimizer), and ``COMPLETE``, written last.
+Layout: ``ROOT/step_000123/`` holding ``trainer_state.json`` (step, epoch, index, metrics, healthy),
+``trainer_state.pt`` (RNG states and the ``extra`` dict; loaded with ``torch.load(weights_only=True)``), what the
+trainer wrote (model shards, each rank's optimizer state), every file with its SHA-256 beside it
+(``convert.integrity``; checked before the file is used), and ``COMPLETE``, written last.
+
 A save writes everything into ``ROOT/step_000123.tmp-<tag>/``, fsyncs it, writes ``COMPLETE``, then renames the
 folder into place, so a save interrupted at any point leaves either no ``step_*`` folder or one without
-``COMPLETE``; ``latest`` and ``load`` ignore or reject those. With several ranks, every rank writes into
+``COMPLETE``; ``latest`` and ``load`` ignore or reject those. Saving a step that already has a folder (a resumed
+run saving its step again) moves the old one aside (``.old-``) before renaming the new one in; a crash between the
+two renames leaves a complete ``.tmp-`` or ``.old-`` copy and no ``step_*`` folder, which ``complete()`` puts back
+(``recover``) before anything looks for or prunes checkpoints. With several ranks, every rank writes into
 ``staging_dir(step, tag)`` with a tag agreed across ranks (broadcast from rank 0), then after a barrier rank 0
 alone calls ``commit``.
+
+Pruning keeps the newest ``keep_last`` complete checkpoints and, besides them, the newest *healthy* one (saved
+when the last step's loss was finite): checkpoints written during a NaN streak never push out the one to resume
+from.
 """
 from __future__ import annotations
 
@@ -24,13 +33,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_tr1.convert import integrity
 from megatron_tr1.errors import CheckpointError
 
 MARKER = "COMPLETE"
 STATE_JSON = "trainer_state.json"
 STATE_PT = "trainer_state.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums and the healthy flag; 1 (no checksums) is still read
+READS = (1, 2)
 _STEP_DIR = re.compile(r"step_(\d+)")
+_ASIDE = re.compile(r"(step_\d+)\.(tmp|old)-.+")
 
 
 @dataclasses.dataclass
@@ -123,12 +135,15 @@ class CheckpointManager:
         path.mkdir(parents=True)
         return path
 
-    def commit(self, staging: Path, state: TrainState) -> Path:
-        """Write the trainer state into ``staging``, fsync, mark it complete, rename it into place, prune."""
+    def commit(self, staging: Path, state: TrainState, healthy: bool = True) -> Path:
+        """Write the trainer state into ``staging`` (with checksums), fsync, mark it complete, rename it into place,
+        prune. ``healthy``: the last step's loss was finite (see the module docstring)."""
         json_state = {"format_version": FORMAT_VERSION, "step": state.step, "epoch": state.epoch,
-                      "index": state.index, "metrics": _json_safe(state.metrics)}
+                      "index": state.index, "healthy": bool(healthy), "metrics": _json_safe(state.metrics)}
         (staging / STATE_JSON).write_text(json.dumps(json_state, allow_nan=False) + "\n", encoding="utf-8")
         torch.save({"rng": state.rng, "extra": state.extra}, staging / STATE_PT)
+        for name in (STATE_JSON, STATE_PT):
+            integrity.write_checksum(staging / name)
         _fsync_tree(staging)
         with open(staging / MARKER, "w", encoding="utf-8") as f:
             f.write(f"step {state.step}\n")
@@ -148,10 +163,31 @@ class CheckpointManager:
         self.prune(keep=final)
         return final
 
-    def complete(self) -> list[Path]:
-        """Complete checkpoint folders, oldest step first."""
+    def recover(self) -> list[Path]:
+        """Put back the checkpoints a crash between ``commit``'s two renames left aside: for a step with no
+        ``step_*`` folder, a complete ``.tmp-`` copy (the new save) or else a complete ``.old-`` one is renamed into
+        place. Returns the folders recovered."""
         if not self.root.is_dir():
             return []
+        aside: dict[str, list[Path]] = {}
+        for p in self.root.iterdir():
+            m = _ASIDE.fullmatch(p.name)
+            if m and p.is_dir() and (p / MARKER).is_file() and not (self.root / m.group(1)).exists():
+                aside.setdefault(m.group(1), []).append(p)
+        recovered = []
+        for name, copies in aside.items():
+            best = sorted(copies, key=lambda p: ".tmp-" not in p.name)[0]  # the newer save first
+            os.replace(best, self.root / name)
+            recovered.append(self.root / name)
+        if recovered:
+            _fsync(self.root)
+        return recovered
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoint folders, oldest step first (after ``recover``)."""
+        if not self.root.is_dir():
+            return []
+        self.recover()
         found = [p for p in self.root.iterdir()
                  if p.is_dir() and _STEP_DIR.fullmatch(p.name) and (p / MARKER).is_file()]
         return sorted(found, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
@@ -171,23 +207,41 @@ class CheckpointManager:
         path = Path(resume)
         if not (path / MARKER).is_file():
             what = "does not exist" if not path.exists() else f"has no {MARKER} marker (an interrupted save)"
-            raise CheckpointError(f"checkpoint.resume={resume!r}: the folder {what}; pass a complete "
-                                  f"step_* folder or 'latest'")
+            raise CheckpointError(f"--resume (checkpoint.resume) {resume!r}: the folder {what}; pass a complete "
+                                  f"RUN/checkpoints/<stage>/step_N folder or 'auto'")
         return path
+
+    def latest_healthy(self) -> Path | None:
+        """The newest complete checkpoint saved after a finite loss, or None."""
+        return next((p for p in reversed(self.complete()) if self.healthy(p)), None)
+
+    def healthy(self, path: Path) -> bool:
+        """Whether ``path`` was saved after a finite loss (checkpoints of format 1 count as healthy)."""
+        try:
+            return bool(json.loads((path / STATE_JSON).read_text(encoding="utf-8")).get("healthy", True))
+        except (OSError, ValueError):
+            return False
 
     def load(self, path: str | Path) -> TrainState:
         """Read the trainer state of a complete checkpoint (the model files are the trainer's to read)."""
         path = Path(path)
         if not (path / MARKER).is_file():
             raise CheckpointError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
+        checked = integrity.verify_checksum(path / STATE_JSON, required=False)
         try:
             meta = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path / STATE_JSON}: unreadable trainer state ({e})") from None
+        if meta.get("format_version") not in READS:
+            raise CheckpointError(f"{path / STATE_JSON}: format_version {meta.get('format_version')!r}, "
+                                  f"this version reads {', '.join(map(str, READS))}")
+        if meta["format_version"] >= 2 and not checked:
+            integrity.verify_checksum(path / STATE_JSON)  # raises: its checksum is missing
+        integrity.verify_checksum(path / STATE_PT, required=meta["format_version"] >= 2)
+        try:
             blob = torch.load(path / STATE_PT, map_location="cpu", weights_only=True)
         except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
-            raise CheckpointError(f"{path}: unreadable trainer state ({e})") from None
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{path / STATE_JSON}: format_version {meta.get('format_version')!r}, "
-                                  f"this version reads {FORMAT_VERSION}")
+            raise CheckpointError(f"{path / STATE_PT}: unreadable trainer state ({e})") from None
         return TrainState(step=meta["step"], epoch=meta["epoch"], index=meta["index"], rng=blob["rng"],
                           extra=blob["extra"], metrics=meta["metrics"])
 
@@ -199,7 +253,8 @@ class CheckpointManager:
         removed = []
         done = self.complete()
         if self.keep_last:
-            removed += [p for p in done[: -self.keep_last] if p != keep]
+            spare = {keep, next((p for p in reversed(done) if self.healthy(p)), None)}
+            removed += [p for p in done[: -self.keep_last] if p not in spare]
         removed += [p for p in self.root.iterdir() if p.is_dir() and p not in done and p != keep
                     and (_STEP_DIR.fullmatch(p.name) or ".tmp-" in p.name or ".old-" in p.name)]
         for p in removed:

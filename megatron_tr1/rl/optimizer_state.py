@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state as ps
 
+from megatron_tr1.convert import integrity
+from megatron_tr1.errors import CheckpointError
 from megatron_tr1.rl.checkpoint import capture_rng, restore_rng
 
 
@@ -49,15 +51,24 @@ def _file() -> str:
 
 
 def save_optimizer_state(optimizer, folder: Path) -> None:
-    """Write this rank's optimizer shard and RNG states into ``folder``."""
+    """Write this rank's optimizer shard and RNG states into ``folder``, with its checksum."""
     torch.save({"optimizers": [_inner(o).state_dict() for o in optimizers(optimizer)],
                 "main_params": [[p.detach().cpu().clone() for p in _main_params(o)] for o in optimizers(optimizer)],
                 "rng": capture_rng(), "layout": layout()}, folder / _file())
+    integrity.write_checksum(folder / _file())
 
 
 def load_optimizer_state(optimizer, folder: Path) -> None:
-    """Undo ``save_optimizer_state`` (same layout; ``weights_only`` load), RNG states included."""
-    blob = torch.load(folder / _file(), map_location="cpu", weights_only=True)
+    """Undo ``save_optimizer_state`` (same layout; ``weights_only`` load), RNG states included. The file is checked
+    against its checksum first (required when the checkpoint has checksums: its trainer state has one)."""
+    path = folder / _file()
+    integrity.verify_checksum(path, required=integrity.sidecar(folder / "trainer_state.json").is_file())
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path}: unreadable optimizer state ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                              f"resume from another checkpoint, or pass checkpoint.reset_optimizer=true to keep "
+                              f"the weights with fresh Adam moments") from None
     with torch.no_grad():
         for part, inner, main in zip(optimizers(optimizer), blob["optimizers"], blob["main_params"], strict=True):
             for param, value in zip(_main_params(part), main, strict=True):

@@ -11,10 +11,11 @@ A run (``RUN_DIR``) executes the enabled stages of ``cfg.stages`` in order ``bas
 
 Per stage: ``RUN_DIR/stages/<stage>/`` holds ``metrics.jsonl``, ``tensorboard/``, ``model/`` (final weights,
 tr1 Megatron layout: ``tr1 convert mcore-to-hf`` or ``tr1 eval --model`` read it), ``eval/<split>/`` and ``DONE``.
-Checkpoints: ``checkpoint.dir/<stage>/step_N`` (``rl.checkpoint``: atomic), with the model shards,
-each rank's optimizer shard and RNG (``rl.optimizer_state``), and the trainer state (step, data
-position, NaN guard, metrics). SIGUSR1 / SIGTERM: the current step finishes, a checkpoint is saved, and the
-run returns ``"interrupted"`` (``RUN_DIR/DONE`` is written only when every stage is done).
+Checkpoints: ``checkpoint.dir/<stage>/step_N`` (``rl.checkpoint``: atomic, checksummed), with the model
+shards, each rank's optimizer shard and RNG (``rl.optimizer_state``), and the trainer state (step, data position,
+NaN guard, metrics); saving, loading and choosing one to resume is ``rl.stage_checkpoint``. SIGUSR1 / SIGTERM:
+the current step finishes, a checkpoint is saved, and the run returns ``"interrupted"`` (``RUN_DIR/DONE`` is
+written only when every stage is done).
 """
 from __future__ import annotations
 
@@ -33,16 +34,15 @@ from megatron.core import parallel_state as ps
 
 from megatron_tr1.backend import Backend, resolve
 from megatron_tr1.config import save_config
-from megatron_tr1.convert.checkpoint import read_meta
-from megatron_tr1.convert.weights import load_weights, save_weights
+from megatron_tr1.convert.weights import load_weights, nonfinite, save_weights
 from megatron_tr1.data.annotations import Sample
 from megatron_tr1.data.prompt_cache import PromptCache
 from megatron_tr1.distributed import barrier as _barrier, is_rank0 as _rank0
 from megatron_tr1.errors import CheckpointError
-from megatron_tr1.rl import optimizer_state
-from megatron_tr1.rl.checkpoint import CheckpointManager, TrainState, capture_rng
+from megatron_tr1.rl import stage_checkpoint
+from megatron_tr1.rl.checkpoint import CheckpointManager, TrainState
 from megatron_tr1.rl.config import STAGES, TrainConfig
-from megatron_tr1.rl.guards import NanGuard
+from megatron_tr1.rl.guards import NanGuard, TrainingDiverged
 from megatron_tr1.rl.logger import MetricsLogger, ProgressBar
 from megatron_tr1.rl.policy import build_policy
 from megatron_tr1.rl.prompts import GroundingPrompt, grounding_item
@@ -247,9 +247,9 @@ class Trainer:
             ref.eval().requires_grad_(False)
         manager = CheckpointManager(self.ckpt_root / stage, cfg.checkpoint.keep_last)
         state, guard = TrainState(), NanGuard(cfg.logging.max_nan_steps)
-        resume_from = self.resume_path(stage, manager)
+        resume_from = stage_checkpoint.resume_path(self.resume, stage, manager)
         if resume_from is not None:
-            state = self.load_checkpoint(resume_from, model, optimizer)
+            state = stage_checkpoint.load(resume_from, model, optimizer, cfg.checkpoint.reset_optimizer)
             guard.load_state_dict(state.extra.get("nan_guard", guard.state_dict()))
             log.info("stage %s: resumed from %s at step %d", stage, resume_from, state.step)
         elif manager.complete():
@@ -278,8 +278,12 @@ class Trainer:
                 else:
                     metrics = self.sft_step(policy, optimizer, sampler, stage, state.step, think)
                 metrics = _from_last_stage(metrics) | {"lr": step_lr, "time/total": time.perf_counter() - start}
-                applied = guard.check(metrics.get("loss", 0.0) if math.isfinite(metrics.get("grad_norm", 0.0))
-                                      else float("nan"), state.step)
+                try:
+                    applied = guard.check(metrics.get("loss", 0.0) if math.isfinite(metrics.get("grad_norm", 0.0))
+                                          else float("nan"), state.step)
+                except TrainingDiverged as e:
+                    raise TrainingDiverged(f"{e}; the newest checkpoint saved after a finite loss: "
+                                           f"{manager.latest_healthy() or 'none'}") from None
                 metrics["skipped"] = int(not applied)
                 state.step += 1
                 if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < total:
@@ -297,14 +301,12 @@ class Trainer:
                 stop = self.stop.requested()
                 every = cfg.checkpoint.every
                 if stop or (every and state.step % every == 0 and state.step < total):
-                    state.extra["nan_guard"] = guard.state_dict()
-                    self.save_checkpoint(manager, state, model, optimizer)
+                    self.save_checkpoint(manager, state, model, optimizer, guard)
                 if stop:
                     status = "interrupted"
                     log.warning("stage %s: stopped at step %d; resume with --resume auto", stage, state.step)
                     return status
-            state.extra["nan_guard"] = guard.state_dict()
-            self.save_checkpoint(manager, state, model, optimizer)
+            self.save_checkpoint(manager, state, model, optimizer, guard)
             self.finish_stage(stage, model, state, think)
             return status
         finally:
@@ -339,57 +341,17 @@ class Trainer:
                          step=step, think=think, refill=draw, sync=self.backend.sync)
 
     # ---------------------------------------------------------------- checkpoints
-    def resume_path(self, stage: str, manager: CheckpointManager) -> Path | None:
-        if self.resume is None:
-            return None
-        if self.resume in ("auto", "latest"):
-            return manager.latest()
-        path = Path(self.resume)
-        if path.parent.name != stage:
-            return None  # a path names one stage's checkpoint; other stages start fresh
-        return manager.resolve(str(path))
-
-    def save_checkpoint(self, manager: CheckpointManager, state: TrainState, model, optimizer) -> Path:
-        """Every rank writes its model shard and optimizer state into the staging folder; rank 0 commits."""
-        tag = torch.tensor([int(time.time() * 1000) % 2 ** 31])
-        if dist.is_initialized():
-            dist.broadcast(tag, 0)
-        staging = manager.staging_dir(state.step, str(int(tag))) if _rank0() else \
-            manager.staging_path(state.step, str(int(tag)))
-        _barrier()
-        save_weights(model, staging / "model", self.hf_dir)
-        optimizer_state.save_optimizer_state(optimizer, staging)
-        _barrier()
-        if _rank0():
-            state.rng = capture_rng()
-            manager.commit(staging, state)
-        _barrier()
-        return manager.step_dir(state.step)
-
-    def load_checkpoint(self, path: Path, model, optimizer) -> TrainState:
-        """Model shards (resharded by ``convert`` if saved at another TP x PP), optimizer state, RNG, state."""
-        state = CheckpointManager(path.parent).load(path)
-        load_weights(model, path / "model")
-        meta = read_meta(path / "model")
-        stored, ours = optimizer_state.saved_layout(path, meta.tp, meta.pp), optimizer_state.layout()
-        if stored == ours:
-            optimizer_state.load_optimizer_state(optimizer, path)
-        elif not self.cfg.checkpoint.reset_optimizer:
-            raise CheckpointError(
-                f"{path}: saved at TP={stored[0]} x PP={stored[1]} x DP={stored[2]}, this run is TP={ours[0]} x "
-                f"PP={ours[1]} x DP={ours[2]}. The weights reshard (convert/), but the Adam moments are stored as "
-                f"each rank's shard of megatron's distributed optimizer, which does not map onto another layout; "
-                f"resume with the saved layout, or pass checkpoint.reset_optimizer=true to continue from the "
-                f"resharded weights with fresh moments")
-        else:
-            log.warning("%s: weights resharded from TP=%d x PP=%d x DP=%d; the optimizer state starts fresh "
-                        "(checkpoint.reset_optimizer=true)", path, *stored)
-        return state
+    def save_checkpoint(self, manager: CheckpointManager, state: TrainState, model, optimizer, guard: NanGuard):
+        state.extra["nan_guard"] = guard.state_dict()
+        return stage_checkpoint.save(manager, state, model, optimizer, self.hf_dir, healthy=guard.consecutive == 0)
 
     # ---------------------------------------------------------------- end of stage
     def finish_stage(self, stage: str, model, state: TrainState, think: bool) -> None:
         """Final weights to ``stages/<stage>/model``, evaluation, plots, ``DONE``."""
         out = self.stage_dir(stage)
+        if not stage_checkpoint.all_ranks(not nonfinite(model)):
+            raise TrainingDiverged(f"stage {stage}: the weights hold NaN or inf at its end; not writing "
+                                   f"{out / 'model'}")
         if not stage.startswith("grpo"):  # a GRPO stage's last step left its weights in the engine
             self.sync_engine(model)  # the engine evaluates
         tmp = out / "model.tmp"

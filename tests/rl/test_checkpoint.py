@@ -60,23 +60,25 @@ def test_interrupted_saves_never_look_complete(tmp_path, monkeypatch):
         save(manager, TrainState(step=2), crash)
     assert manager.latest() == good and not manager.step_dir(2).exists()
 
-    with monkeypatch.context() as m:  # dies after COMPLETE is written, before the rename
+    with monkeypatch.context() as m:  # dies after COMPLETE is written (all fsynced), before the rename
         m.setattr(ckpt.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
         with pytest.raises(KeyboardInterrupt):
             save(manager, TrainState(step=3))
-    assert manager.latest() == good and not manager.step_dir(3).exists()
+        assert not manager.step_dir(3).exists()
+    third = manager.latest()  # the complete staging copy is put in place: that save did finish
+    assert third == manager.step_dir(3) and manager.load(third).step == 3
 
     manager.step_dir(4).mkdir()  # a step folder without the marker (e.g. copied by hand, or torn)
     (manager.step_dir(4) / ckpt.STATE_JSON).write_text("{}")
-    assert manager.latest() == good
+    assert manager.latest() == third
     with pytest.raises(CheckpointError, match="no COMPLETE marker"):
         manager.resolve(str(manager.step_dir(4)))
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         manager.load(manager.step_dir(4))
 
-    assert manager.resolve("latest") == good
+    assert manager.resolve("latest") == third
     save(manager, TrainState(step=5))  # a successful save clears the leftovers
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001", "step_000005"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001", "step_000003", "step_000005"]
 
 
 def test_keep_last_and_resave(tmp_path):
@@ -92,7 +94,7 @@ def test_keep_last_and_resave(tmp_path):
 def test_resolve_and_unsafe_pickles(tmp_path):
     manager = CheckpointManager(tmp_path / "none")
     assert manager.resolve(None) is None and manager.resolve("latest") is None
-    with pytest.raises(CheckpointError, match=r"checkpoint.resume='/nope': the folder does not exist"):
+    with pytest.raises(CheckpointError, match=r"--resume \(checkpoint.resume\) '/nope': the folder does not exist"):
         manager.resolve("/nope")
     manager = CheckpointManager(tmp_path / "c")
     path = save(manager, TrainState(step=1, extra={"obj": CheckpointManager(tmp_path)}))
