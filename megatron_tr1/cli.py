@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("megatron_tr1.convert.cli", "convert checkpoints: hf-to-mcore / mcore-to-hf"),
     "verify": ("megatron_tr1.convert.verify", "compare Megatron and HF logits on the same input"),
     "plan": ("megatron_tr1.plan", "estimate per-GPU memory for TP/PP/DP layouts and recommend one"),
+    "selftest": ("megatron_tr1.selftest.cli", "check every path this machine can run (--quick: CPU only)"),
 }
 
 
