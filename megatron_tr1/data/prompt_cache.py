@@ -1,18 +1,28 @@
 """Decoded videos kept for reuse: ``PromptCache`` builds the prompts of samples in either prompt mode, decoding each
 video once while it is kept (training and evaluation share one).
 
+A video that cannot be decoded (unreadable, truncated, no frames) raises ``DataError`` naming the file; with
+training and ``tr1 eval --lenient`` call ``prompts_or_skip``, which leaves such a sample out instead,
+remembers the video (never decoded again), warns once per video and counts it per reason (``skipped``).
+
 ``sample_prompt`` decodes a sample's frames with a ``data.video.VideoBudget`` and builds its ``RolloutPrompt``;
 ``prompt_in_mode`` re-encodes only the text of a prompt (another query or mode on the same frames).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import logging
+import os
 from collections import OrderedDict
 from typing import Sequence
 
 from megatron_tr1.data.annotations import Sample
 from megatron_tr1.data.prompt import RolloutPrompt, build_prompt, encode_prompt
 from megatron_tr1.data.video import sample_frames
+from megatron_tr1.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def sample_prompt(sample: Sample, tokenizer, hf_config, video, think: bool) -> RolloutPrompt:
@@ -37,12 +47,32 @@ class PromptCache:
         self.nbytes = 0
         self.decodes = 0  # videos decoded so far (a revisit after eviction decodes again)
         self._videos: OrderedDict[str, dict[tuple[str, bool], RolloutPrompt]] = OrderedDict()
+        self.bad: dict[str, str] = {}  # video -> why it could not be decoded
+        self.skipped: collections.Counter = collections.Counter()  # samples left out, per reason
 
     def __call__(self, samples: Sequence[Sample], think: bool) -> list[RolloutPrompt]:
         return [self.get(s, think) for s in samples]
 
+    def prompts_or_skip(self, samples: Sequence[Sample], think: bool) -> list[RolloutPrompt | None]:
+        """``get`` for each sample, None for one whose video cannot be decoded (warned once per video, counted in
+        ``skipped`` per reason)."""
+        out = []
+        for s in samples:
+            try:
+                out.append(self.get(s, think))
+            except DataError as e:
+                reason = "missing video" if not os.path.exists(s.video) else "undecodable video"
+                if str(s.video) not in self.bad:
+                    log.warning("skipping sample %s: %s", s.id, e)
+                self.bad[str(s.video)] = str(e)
+                self.skipped[reason] += 1
+                out.append(None)
+        return out
+
     def get(self, sample: Sample, think: bool) -> RolloutPrompt:
         key = (sample.query, think)
+        if str(sample.video) in self.bad:
+            raise DataError(self.bad[str(sample.video)])
         prompts = self._videos.get(str(sample.video))
         if prompts is None:
             prompt = sample_prompt(sample, self.tokenizer, self.hf_config, self.video, think)

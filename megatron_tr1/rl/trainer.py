@@ -38,7 +38,7 @@ from megatron_tr1.convert.weights import load_weights, nonfinite, save_weights
 from megatron_tr1.data.annotations import Sample
 from megatron_tr1.data.prompt_cache import PromptCache
 from megatron_tr1.distributed import barrier as _barrier, is_rank0 as _rank0
-from megatron_tr1.errors import CheckpointError
+from megatron_tr1.errors import CheckpointError, DataError
 from megatron_tr1.rl import stage_checkpoint
 from megatron_tr1.rl.checkpoint import CheckpointManager, TrainState
 from megatron_tr1.rl.config import STAGES, TrainConfig
@@ -105,6 +105,14 @@ class StopFlag:
         return bool(value)
 
 
+def _world_max(value: int) -> int:
+    """The largest ``value`` over all ranks (one all-reduce; ``value`` itself without a process group)."""
+    t = torch.tensor([value], dtype=torch.long)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def _from_last_stage(metrics: dict) -> dict:
     """The last pipeline stage's metrics on every stage (loss, log-prob statistics exist only there)."""
     if ps.get_pipeline_model_parallel_world_size() == 1:
@@ -158,12 +166,35 @@ class Trainer:
         self.evaluator = StageEvaluator(cfg, self.engine, samples, self.prompt_cache)
 
     # ---------------------------------------------------------------- data
-    def prompts(self, split: str, indices: list[int], think: bool) -> list[GroundingPrompt]:
+    def prompts(self, split: str, indices: list[int], think: bool) -> list[GroundingPrompt | None]:
         """Grounding prompts of ``split``'s samples ``indices`` (``self.prompt_cache``: a video is decoded once
-        while it is kept; the other prompt mode and other queries on it reuse its frames)."""
+        while it is kept; the other prompt mode and other queries on it reuse its frames); None for a sample whose
+        video cannot be decoded (warned once, counted in ``prompt_cache.skipped``)."""
         samples = [self.samples[split][i] for i in indices]
-        return [grounding_item(s, p, self.cfg.data.max_prompt_tokens)
-                for s, p in zip(samples, self.prompt_cache(samples, think))]
+        return [None if p is None else grounding_item(s, p, self.cfg.data.max_prompt_tokens)
+                for s, p in zip(samples, self.prompt_cache.prompts_or_skip(samples, think))]
+
+    def skipped_samples(self) -> int:
+        """Samples left out so far (undecodable videos), summed over the data-parallel ranks."""
+        t = torch.tensor([sum(self.prompt_cache.skipped.values())], dtype=torch.long)
+        if dist.is_initialized() and self.dp > 1:
+            dist.all_reduce(t, group=ps.get_data_parallel_group())
+        return int(t.item())
+
+    def draw(self, sampler: PromptSampler, k: int, make) -> list[GroundingPrompt]:
+        """This rank's ``k`` items: its data-parallel shard of the next ``k x DP`` sampled indices through
+        ``make(indices)``; a sample left out (None: an undecodable video) is replaced by the next ones. Every rank
+        takes the same number of indices from its sampler (they agree on the most any rank still lacks, one
+        all-reduce), so sampler positions stay equal across ranks and a resumed run draws the same prompts."""
+        rank, items, dry = ps.get_data_parallel_rank(), [], 0
+        while lacking := _world_max(k - len(items)):
+            got = [x for x in make(shard(sampler.take(lacking * self.dp), rank, self.dp)) if x is not None]
+            items += got[: k - len(items)]
+            dry = dry + 1 if not got else 0
+            if dry * lacking * self.dp > sampler.num:  # a whole epoch's worth of draws gave nothing
+                raise DataError(f"no decodable video in {sampler.num} samples of the training data "
+                                f"({dict(self.prompt_cache.skipped)}); check data.train and the video folders")
+        return items
 
     def base_split(self) -> str:
         """What the base stage trains on: ``pretrain`` (with its labels) when the data have it, else ``train``."""
@@ -178,8 +209,8 @@ class Trainer:
         if self.base_split() == "pretrain":
             return self.prompts("pretrain", indices, think)
         items = self.prompts("train", indices, think)
-        return [dataclasses.replace(item, gt=random_span(self.samples["train"][i],
-                                                         self.cfg.seed * 1_000_003 + step * 4099 + k))
+        return [None if item is None else dataclasses.replace(
+                    item, gt=random_span(self.samples["train"][i], self.cfg.seed * 1_000_003 + step * 4099 + k))
                 for k, (i, item) in enumerate(zip(indices, items))]
 
     # ---------------------------------------------------------------- stages
@@ -207,6 +238,11 @@ class Trainer:
             return "done"
         finally:
             self.stop.uninstall()
+            if self.prompt_cache.skipped:
+                counts = ", ".join(f"{n} {why}" for why, n in self.prompt_cache.skipped.most_common())
+                log.warning("rank %d skipped %d samples (%s) of %d videos that could not be decoded; the warnings "
+                            "above name the files", dist.get_rank() if dist.is_initialized() else 0,
+                            sum(self.prompt_cache.skipped.values()), counts, len(self.prompt_cache.bad))
 
     def init_source(self, stage: str) -> Path:
         base = self.stage_dir("base") / "model"
@@ -285,6 +321,7 @@ class Trainer:
                     raise TrainingDiverged(f"{e}; the newest checkpoint saved after a finite loss: "
                                            f"{manager.latest_healthy() or 'none'}") from None
                 metrics["skipped"] = int(not applied)
+                metrics["data/skipped_samples"] = self.skipped_samples()
                 state.step += 1
                 if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < total:
                     if not grpo:  # a GRPO step leaves the engine awake with the updated weights
@@ -319,24 +356,22 @@ class Trainer:
     def sft_step(self, policy, optimizer, sampler: PromptSampler, stage: str, step: int, think: bool) -> dict:
         from megatron_tr1.rl.sft import sft_step
 
-        indices = shard(sampler.take(self.cfg.stage_batch(stage)), ps.get_data_parallel_rank(), self.dp)
+        k = self.cfg.stage_batch(stage) // self.dp
         if stage == "base":  # both prompt modes, alternating by step (one mode per step: one sft_step call)
             think = step % 2 == 0
-            items = self.base_items(indices, step, think)
+            items = self.draw(sampler, k, lambda indices: self.base_items(indices, step, think))
         else:
-            items = self.prompts("train", indices, think)
+            items = self.draw(sampler, k, lambda indices: self.prompts("train", indices, think))
         return sft_step(policy, optimizer, items, self.cfg, self.tokenizer, self.hf_config, think=think,
                         sync=self.backend.sync)
 
     def grpo_step(self, policy, optimizer, ref, sampler: PromptSampler, step: int, think: bool) -> dict:
         from megatron_tr1.rl.grpo import grpo_step
 
-        rank, dp = ps.get_data_parallel_rank(), self.dp
-
         def draw(k: int) -> list[GroundingPrompt]:
-            return self.prompts("train", shard(sampler.take(k * dp), rank, dp), think)
+            return self.draw(sampler, k, lambda indices: self.prompts("train", indices, think))
 
-        items = draw(self.cfg.rollout.prompts_per_step // dp)
+        items = draw(self.cfg.rollout.prompts_per_step // self.dp)
         return grpo_step(policy, optimizer, self.group_engine, ref, items, self.cfg, self.tokenizer, self.hf_config,
                          step=step, think=think, refill=draw, sync=self.backend.sync)
 
