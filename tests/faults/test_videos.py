@@ -1,7 +1,5 @@
 """An undecodable video never ends a run: training skips the sample wherever it is first decoded (the next prompt
 takes its place), warns once per video, counts it in the metrics (``data/skipped_samples``) and at the end."""
-import logging
-import shutil
 
 from megatron_tr1.launch import run_ranks
 
