@@ -56,7 +56,7 @@ def test_unknown_override_names_key():
 
 
 def test_wrong_type_names_field():
-    with pytest.raises(ConfigError, match=r"config\.steps: expected int, got 'many'"):
+    with pytest.raises(ConfigError, match=r"override 'steps=many': steps: expected int, got 'many'"):
         load_config(Train, None, ["steps=many"])
     with pytest.raises(ConfigError, match=r"expected int, got True"):
         load_config(Train, None, ["steps=true"])

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron_tr1"
 SECTIONS = [f.name for f in dataclasses.fields(TrainConfig) if dataclasses.is_dataclass(f.type) or
             dataclasses.is_dataclass(typing.get_type_hints(TrainConfig)[f.name])]
 KEY = re.compile(r"(?<![\w./-])(" + "|".join(SECTIONS) + r")((?:\.[A-Za-z_]\w*)+)")
-FILE_SUFFIXES = {"safetensors", "json", "jsonl", "yaml", "yml", "py", "pt", "md", "png", "sh", "tmp"}
+FILE_SUFFIXES = {"safetensors", "json", "jsonl", "yaml", "yml", "py", "pt", "md", "png", "sh", "tmp", "sha256"}
 HF_NAME_TABLE = "convert/mapping.py"  # HF tensor names ("model.layers.N...") are not config keys
 
 

@@ -27,6 +27,8 @@ from megatron_tr1.convert.storage import SafetensorsDir
 from megatron_tr1.errors import CheckpointError
 
 META = "tr1_mcore.json"
+# a training checkpoint (rl.checkpoint): RUN/checkpoints/<stage>/step_N holds these beside its model/ folder
+TRAIN_MARKER, TRAIN_STATE = "COMPLETE", "trainer_state.json"
 FORMAT, VERSION = "tr1_mcore", 1
 HF_SUBDIR = "hf"
 

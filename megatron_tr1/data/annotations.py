@@ -107,7 +107,7 @@ def load_annotations(
     if not path.is_file():
         raise DataError(f"annotation file {str(path)!r} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is not content
     except UnicodeDecodeError as e:
         raise DataError(f"annotation file {str(path)!r} is not UTF-8 text (byte {e.start}); is it a video?") from None
     if not text.strip():
@@ -136,8 +136,8 @@ def load_annotations(
 
 def sniff_format(path: Path, text: str) -> str:
     """``charades-sta`` for text lines, ``temporal-r1`` for a JSON list or ``.jsonl``, ``activitynet`` for a
-    JSON object of per-video objects."""
-    head = text.lstrip()[:1]
+    JSON object of per-video objects. A leading UTF-8 byte-order mark is skipped."""
+    head = text.lstrip("\ufeff \t\r\n")[:1]
     if path.suffix == ".jsonl" or head == "[":
         return "temporal-r1"
     if head == "{":
@@ -163,6 +163,13 @@ def _number(value, field: str, where: str) -> float:
     if not math.isfinite(x):
         raise _Skip("bad value", f"{where}: {field} must be finite, got {value!r}")
     return x
+
+
+def _text(value, field: str, where: str) -> str:
+    """A record's text field (query, video name): a non-empty string (a number is taken as its text)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
+        raise _Skip("bad value", f"{where}: {field} must be a non-empty string, got {value!r}; fix or drop the record")
+    return str(value).strip()
 
 
 def _span(value, field: str, where: str) -> tuple[float, float]:
@@ -199,9 +206,10 @@ def _read_temporal_r1(path: Path, text: str, folder: Path) -> Iterator[_Raw | _S
             duration = None if length is None else _number(length, "video_length", where)
             if duration is not None and duration <= 0:
                 raise _Skip("bad value", f"{where}: video_length must be > 0, got {length!r}")
-            video = str(record["video"])
-            match = _QUERY_IN_PROBLEM.match(str(record["problem"]))
-            yield _Raw(where, [str(folder / video)], match.group(1) if match else str(record["problem"]).strip(),
+            video = _text(record["video"], "video", where)
+            problem = _text(record["problem"], "problem", where)
+            match = _QUERY_IN_PROBLEM.match(problem)
+            yield _Raw(where, [str(folder / video)], match.group(1) if match else problem,
                        start, end, duration, str(record.get("dataset") or path.stem),
                        str(record.get("id") or Path(video).stem), fractions=True)
         except _Skip as e:
@@ -248,10 +256,11 @@ def _read_activitynet(path: Path, text: str, folder: Path) -> Iterator[_Raw | _S
         for k, (stamp, sentence) in enumerate(zip(stamps, sentences)):
             try:
                 start, end = _span(stamp, f"timestamps[{k}]", where)
+                query = _text(sentence, f"sentences[{k}]", where)
             except _Skip as e:
                 yield e
                 continue
-            yield _Raw(f"{where} sentence {k}", videos, str(sentence).strip(), start, end, duration,
+            yield _Raw(f"{where} sentence {k}", videos, query, start, end, duration,
                        "activitynet", vid)
 
 

@@ -88,6 +88,8 @@ def resolve_data_config(cfg: DataConfig, base_dir: str | Path, where: str = "dat
 
 def load_data_config(path: str | Path) -> DataConfig:
     """Read a data config YAML; relative paths are resolved against its folder."""
+    if not str(path).strip():
+        raise ConfigError("the data config path is empty; give the path of a data config YAML")
     path = Path(path)
     cfg = from_dict(DataConfig, load_yaml(path), where=str(path))
     return resolve_data_config(cfg, path.parent, where=str(path))

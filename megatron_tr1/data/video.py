@@ -269,7 +269,10 @@ def sample_frames(
     if total_pixels < min_pixels:
         raise DataError(f"total_pixels ({total_pixels}) must be >= min_pixels ({min_pixels})")
     info = probe_video(path)
-    nframes = smart_nframes(info.total_frames, info.video_fps, fps, min_frames, max_frames)
+    try:
+        nframes = smart_nframes(info.total_frames, info.video_fps, fps, min_frames, max_frames)
+    except DataError as e:
+        raise DataError(f"{path}: {e}; drop this video from the annotations or re-encode it") from None
     indices = frame_indices(info.total_frames, nframes)
 
     def size_of(height: int, width: int) -> tuple[int, int]:

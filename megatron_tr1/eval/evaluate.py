@@ -177,7 +177,7 @@ def build_predictor(args) -> tuple[Predictor, dict]:
             raise ConfigError("--fit-data is for --baseline best-fixed, not --model")
         budget = video_budget(args)
         predictor = load_model_predictor(args.model, args.engine, budget, think=not args.no_think,
-                                         max_tokens=args.max_tokens, name=Path(args.model).name)
+                                         max_tokens=args.max_tokens, name=Path(args.model).name, key="--model")
         return predictor, {"model": args.model, "think": not args.no_think, "engine": args.engine,
                            "video": dataclasses.asdict(budget)}
     if (args.baseline == "best-fixed") != bool(args.fit_data):

@@ -41,24 +41,25 @@ class EnginePredictor:
 
 
 def load_model_predictor(model_dir: str | Path, engine_kind: str, video, think: bool, max_tokens: int,
-                         name: str | None = None, backend=None) -> EnginePredictor:
+                         name: str | None = None, backend=None, key: str = "--model") -> EnginePredictor:
     """A predictor for an HF folder or a tr1 Megatron checkpoint folder (``tr1_mcore.json``; exported to a
     temporary HF folder, removed once the engine is built) on the ``engine_kind`` engine ("hf" or "vllm") of
-    ``backend`` (default: ``backend.resolve()``)."""
+    ``backend`` (default: ``backend.resolve()``). The folder is checked first (``convert.model_dir.check_model_dir``;
+    errors name ``key``, the option that gave it)."""
     from megatron_tr1.backend import resolve
-    from megatron_tr1.convert.checkpoint import META
     from megatron_tr1.convert.mcore_to_hf import convert_mcore_to_hf
-    from megatron_tr1.models.qwen2_5_vl.hf_folder import load_hf_config_and_tokenizer
+    from megatron_tr1.convert.model_dir import check_model_dir, load_hf_config_and_tokenizer
     from megatron_tr1.rollout.factory import make_engine
 
-    backend = backend or resolve()
     model_dir = Path(model_dir)
+    side, weights = check_model_dir(model_dir, key)  # before converting or building anything
+    backend = backend or resolve()
     with tempfile.TemporaryDirectory(prefix="tr1-eval-") as tmp:
-        hf_dir = model_dir
-        if (model_dir / META).is_file():
+        hf_dir = side
+        if weights != side:  # a tr1 Megatron checkpoint: export it to an HF folder the engine loads
             hf_dir = Path(tmp) / "hf"
-            convert_mcore_to_hf(model_dir, hf_dir, progress=False)
-        hf_config, tokenizer = load_hf_config_and_tokenizer(hf_dir)
+            convert_mcore_to_hf(weights, hf_dir, progress=False)
+        hf_config, tokenizer = load_hf_config_and_tokenizer(hf_dir, key)
         engine = make_engine(engine_kind, hf_config, tokenizer, backend, model_dir=str(hf_dir))
     return EnginePredictor(engine, PromptCache(tokenizer, hf_config, video), think=think, max_tokens=max_tokens,
                            name=name or model_dir.name)

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from megatron_tr1.convert import integrity
+from megatron_tr1.convert.checkpoint import TRAIN_MARKER, TRAIN_STATE
 from megatron_tr1.errors import CheckpointError
 
-MARKER = "COMPLETE"
-STATE_JSON = "trainer_state.json"
+MARKER, STATE_JSON = TRAIN_MARKER, TRAIN_STATE  # convert.model_dir recognises a training checkpoint by them
 STATE_PT = "trainer_state.pt"
 FORMAT_VERSION = 2  # 2: checksums and the healthy flag; 1 (no checksums) is still read
 READS = (1, 2)

@@ -26,8 +26,16 @@ STAGES = ("base", "sft", "grpo", "grpo_no_think")
 def _positive(section: object, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(section, name)
-        if value < 0 or (value == 0 and not allow_zero):
+        if not (value > 0 or (allow_zero and value == 0)):  # also refuses nan
             raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _not_empty(section: object, *names: str, instead: str) -> None:
+    """An empty string where a path goes would resolve to a folder (the working directory or the config's)."""
+    for name in names:
+        value = getattr(section, name)
+        if isinstance(value, str) and not value.strip():
+            raise ConfigError(f"{name}={value!r} is empty; {instead}")
 
 
 @dataclass
@@ -66,6 +74,8 @@ class ModelConfig:
     recompute: Literal["none", "selective", "full"] = "none"  # activation recomputation (megatron-core)
 
     def __post_init__(self):
+        _not_empty(self, "hf_dir", instead="give a Qwen2.5-VL folder or a tr1 checkpoint folder, or null for the "
+                                           "tiny demo model")
         _positive(self, "tensor_parallel", "pipeline_parallel")
         if self.recompute not in ("none", "selective", "full"):
             raise ConfigError(f"recompute={self.recompute!r} must be one of none, selective, full")
@@ -109,6 +119,8 @@ class DataSection:
     cache_gb: float = 8.0  # decoded videos kept in host memory per rank (least recently used out; 0: none)
 
     def __post_init__(self):
+        _not_empty(self, "train", "test", "ood", "pretrain",
+                   instead="give the path of a data config YAML, or null (train: the synthetic data)")
         _positive(self, "max_prompt_tokens")
         _positive(self, "cache_gb", allow_zero=True)
 
@@ -223,6 +235,9 @@ class StageConfig:
         _positive(self, "steps", "episodes", allow_zero=True)
         if self.enabled and self.steps == 0 and self.episodes == 0:
             raise ConfigError("an enabled stage needs steps > 0 or episodes > 0")
+        if self.steps and self.episodes:
+            raise ConfigError(f"steps={self.steps} and episodes={self.episodes} are both set; give one (the other 0): "
+                              f"a stage's defaults set steps, so a budget in episodes needs steps: 0")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be > 0 (or null for optim.lr)")
         if self.global_batch_size is not None and self.global_batch_size <= 0:
@@ -260,6 +275,7 @@ class CheckpointConfig:
     reset_optimizer: bool = False  # resuming at another TP x PP: reshard the weights, start the Adam moments fresh
 
     def __post_init__(self):
+        _not_empty(self, "dir", "resume", instead="give a folder (resume: also 'auto'), or null")
         _positive(self, "every", "keep_last", allow_zero=True)
 
 
@@ -308,6 +324,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
+        _not_empty(self, "run_dir", instead="give the output folder, e.g. runs/demo")
         longest = self.data.max_prompt_tokens + self.rollout.max_tokens
         if 0 < self.optim.max_tokens_per_micro_batch < longest:
             raise ConfigError(f"optim.max_tokens_per_micro_batch={self.optim.max_tokens_per_micro_batch} is less "

@@ -1,28 +1,15 @@
-"""The policy: this rank's ``Qwen2_5_VLModel`` built for the backend, and where its first weights come from.
+"""The policy: this rank's ``Qwen2_5_VLModel`` built for the backend.
 
-- ``build_policy(hf_config, model_cfg, backend)``: the model with the backend's layer spec and dtype on its
-  device, parts frozen as ``model.freeze_*`` says. Weights are loaded and saved through ``convert.weights`` (one
-  loader for every source and spelling).
-- ``model_source(path)``: what ``model.hf_dir`` names - an HF folder, or a tr1 Megatron checkpoint folder (whose
-  ``hf/`` holds the config and tokenizer) - as ``(side-file folder, weights source)``.
+``build_policy(hf_config, model_cfg, backend)``: the model with the backend's layer spec and dtype on its device,
+parts frozen as ``model.freeze_*`` says. Weights are loaded and saved through ``convert.weights`` (one loader for
+every source and spelling); what ``model.hf_dir`` names (an HF folder or a tr1 checkpoint) is checked by
+``convert.model_dir`` before anything is built.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
 from megatron_tr1.backend import Backend
-from megatron_tr1.convert.checkpoint import HF_SUBDIR, META
-
-
-def model_source(path: str | Path) -> tuple[Path, Path]:
-    """``(folder with config.json and the tokenizer, folder the weights load from)`` for ``model.hf_dir``: the same
-    HF folder twice, or a tr1 Megatron checkpoint's ``hf/`` and the checkpoint itself."""
-    path = Path(path)
-    if (path / META).is_file():
-        return path / HF_SUBDIR, path
-    return path, path
 
 
 def build_policy(hf_config, model_cfg, backend: Backend) -> torch.nn.Module:

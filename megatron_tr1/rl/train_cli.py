@@ -81,11 +81,12 @@ def prepare_model(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path]:
     """``(HF folder with config and tokenizer, first weights)``: ``model.hf_dir`` (an HF folder, or a tr1 Megatron
     checkpoint and its ``hf/``), or the demo's tiny random model written to ``RUN_DIR/model_init``."""
     if cfg.model.hf_dir is not None:
-        from megatron_tr1.models.qwen2_5_vl.hf_folder import load_hf_config_and_tokenizer
-        from megatron_tr1.rl.policy import model_source
+        from megatron_tr1.convert.model_dir import check_model_dir, load_hf_config_and_tokenizer
 
-        hf_dir, weights = model_source(cfg.model.hf_dir)
-        load_hf_config_and_tokenizer(hf_dir)  # ConfigError naming the folder and what is missing
+        # before any model is built: model_type, config.json's sizes, the weights' presence (for a tr1 checkpoint:
+        # its rank files; its hf/ side folder has none), then the tokenizer. One clear error naming model.hf_dir.
+        hf_dir, weights = check_model_dir(cfg.model.hf_dir, "model.hf_dir")
+        load_hf_config_and_tokenizer(hf_dir, "model.hf_dir")
         return hf_dir, weights
     from megatron_tr1.demo import write_demo_model_dir
 

@@ -137,7 +137,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, hf_dir: Path, samples: dict[str, list[Sample]],
                  resume: str | None = None, callbacks=(), backend: Backend | None = None,
                  init_weights: Path | None = None):
-        from megatron_tr1.models.qwen2_5_vl.hf_folder import load_hf_config_and_tokenizer
+        from megatron_tr1.convert.model_dir import load_hf_config_and_tokenizer
         from megatron_tr1.rollout.factory import make_engine
 
         self.cfg, self.run_dir, self.hf_dir, self.samples = cfg, Path(run_dir), Path(hf_dir), samples

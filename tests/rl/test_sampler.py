@@ -30,4 +30,5 @@ def test_shard_and_stage_steps():
     with pytest.raises(ConfigError, match="multiple of 3"):
         shard(list(range(8)), rank=0, world=3)
     assert StageConfig(episodes=15).total_steps(num_samples=100, samples_per_step=16) == 94
-    assert StageConfig(steps=7, episodes=15).total_steps(100, 16) == 7
+    with pytest.raises(ConfigError, match="steps=7 and episodes=15 are both set"):
+        StageConfig(steps=7, episodes=15)

@@ -21,7 +21,9 @@ def test_qwen_3b_charades_yaml_has_temporal_r1_settings():
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.warmup_steps) == (1e-6, 1e-2, 1.0, 0)
     a = cfg.algorithm
     assert (a.entropy_coef, a.kl_type, a.kl_coef, a.kl_in_reward) == (1e-3, "low_var_kl", 1e-2, False)
-    assert cfg.stages.grpo.episodes == 15 and not cfg.stages.sft.enabled and not cfg.stages.base.enabled
+    g = cfg.stages.grpo  # a budget in episodes at optim.lr: the demo stage's steps and lr are switched off
+    assert (g.episodes, g.steps, g.lr) == (15, 0, None) and not cfg.stages.sft.enabled and not cfg.stages.base.enabled
+    assert (g.lr or cfg.optim.lr) == 1e-6 and g.total_steps(5338, 16) == 5005  # 15 passes over Charades-STA train
     assert cfg.optim.global_batch_size == 16 * 8  # global batch 16 prompts
     # data configs resolve against the YAML's folder
     assert cfg.data.train == str(EXAMPLES / "data" / "charades_tvg_train.yaml")
