@@ -76,11 +76,14 @@ def fit_fixed_span(samples: Sequence[Sample], step: float = GRID_STEP) -> tuple[
     return best[0], best[1], 100.0 * best[2]
 
 
-def score(samples: Sequence[Sample], texts: Sequence[str], parser: str = "answer") -> list[dict]:
-    """One result row per sample: ids, ground truth, parsed prediction, IoU and the raw text."""
+def score(samples: Sequence[Sample], texts: Sequence[str | None], parser: str = "answer") -> list[dict]:
+    """One result row per sample: ids, ground truth, parsed prediction, IoU and the raw text; a sample whose text
+    is None (skipped: its video could not be decoded) has no row."""
     parse = PARSERS[parser]
     rows = []
     for sample, text in zip(samples, texts, strict=True):
+        if text is None:
+            continue
         pred = parse(text)
         rows.append({"id": sample.id, "dataset": sample.dataset, "video": sample.video, "query": sample.query,
                      "gt": [sample.start, sample.end], "duration": sample.duration,
@@ -177,7 +180,8 @@ def build_predictor(args) -> tuple[Predictor, dict]:
             raise ConfigError("--fit-data is for --baseline best-fixed, not --model")
         budget = video_budget(args)
         predictor = load_model_predictor(args.model, args.engine, budget, think=not args.no_think,
-                                         max_tokens=args.max_tokens, name=Path(args.model).name, key="--model")
+                                         max_tokens=args.max_tokens, name=Path(args.model).name, key="--model",
+                                         lenient=args.lenient)
         return predictor, {"model": args.model, "think": not args.no_think, "engine": args.engine,
                            "video": dataclasses.asdict(budget)}
     if (args.baseline == "best-fixed") != bool(args.fit_data):
@@ -200,11 +204,15 @@ def main(args) -> int:
     predictor, extra = build_predictor(args)
     samples = _samples(args.data, args.seed, not args.lenient)
     rows = score(samples, predictor.predict(samples), args.parser)
+    if len(rows) < len(samples):  # --lenient: samples whose video could not be decoded (warned above)
+        print(f"skipped {len(samples) - len(rows)} of {len(samples)} samples: undecodable video")
+    if not rows:
+        raise DataError(f"{args.data}: no sample left to evaluate ({len(samples)} skipped)")
     per_dataset = summarize(rows)
     print_table(per_dataset, f"{predictor.name} on {args.data}")
     if args.out:
         metrics = {"predictor": predictor.name, "data": args.data, "parser": args.parser, **extra,
-                   "metrics": per_dataset}
+                   "skipped_undecodable": len(samples) - len(rows), "metrics": per_dataset}
         write_outputs(Path(args.out), rows, metrics)
         print(f"wrote predictions.jsonl, submission.json and metrics.json to {args.out}")
     return 0

@@ -21,27 +21,32 @@ from megatron_tr1.rollout.engine import Sampling
 
 
 class EnginePredictor:
-    """Greedy answers from ``engine`` (``rollout.engine.RolloutEngine``) holding the model's weights."""
+    """Greedy answers from ``engine`` (``rollout.engine.RolloutEngine``) holding the model's weights. A sample whose
+    video cannot be decoded is a ``DataError`` naming the file, or with ``lenient`` a None answer (skipped: warned
+    once per video and counted in ``cache.skipped``)."""
 
     def __init__(self, engine, cache: PromptCache, think: bool = True, max_tokens: int = 256,
-                 batch_size: int = 32, name: str = "model", progress: bool = True):
+                 batch_size: int = 32, name: str = "model", progress: bool = True, lenient: bool = False):
         self.engine, self.cache, self.think, self.max_tokens = engine, cache, think, max_tokens
-        self.batch_size, self.name, self.progress = batch_size, name, progress
+        self.batch_size, self.name, self.progress, self.lenient = batch_size, name, progress, lenient
 
-    def predict(self, samples: Sequence[Sample]) -> list[str]:
+    def predict(self, samples: Sequence[Sample]) -> list[str | None]:
         greedy = Sampling(temperature=0.0, max_tokens=self.max_tokens)
-        texts: list[str] = []
+        texts: list[str | None] = []
         with tqdm(total=len(samples), desc=f"eval {self.name}", unit="sample", disable=not self.progress,
                   leave=False) as bar:
             for start in range(0, len(samples), self.batch_size):
-                batch = self.cache(samples[start: start + self.batch_size], self.think)
-                texts += [group[0].text for group in self.engine.generate(batch, 1, greedy)]
+                part = samples[start: start + self.batch_size]
+                batch = self.cache.prompts_or_skip(part, self.think) if self.lenient else self.cache(part, self.think)
+                answers = iter(self.engine.generate([p for p in batch if p is not None], 1, greedy))
+                texts += [None if p is None else next(answers)[0].text for p in batch]
                 bar.update(len(batch))
         return texts
 
 
 def load_model_predictor(model_dir: str | Path, engine_kind: str, video, think: bool, max_tokens: int,
-                         name: str | None = None, backend=None, key: str = "--model") -> EnginePredictor:
+                         name: str | None = None, backend=None, key: str = "--model", lenient: bool = False
+                         ) -> EnginePredictor:
     """A predictor for an HF folder or a tr1 Megatron checkpoint folder (``tr1_mcore.json``; exported to a
     temporary HF folder, removed once the engine is built) on the ``engine_kind`` engine ("hf" or "vllm") of
     ``backend`` (default: ``backend.resolve()``). The folder is checked first (``convert.model_dir.check_model_dir``;
@@ -62,4 +67,4 @@ def load_model_predictor(model_dir: str | Path, engine_kind: str, video, think: 
         hf_config, tokenizer = load_hf_config_and_tokenizer(hf_dir, key)
         engine = make_engine(engine_kind, hf_config, tokenizer, backend, model_dir=str(hf_dir))
     return EnginePredictor(engine, PromptCache(tokenizer, hf_config, video), think=think, max_tokens=max_tokens,
-                           name=name or model_dir.name)
+                           name=name or model_dir.name, lenient=lenient)

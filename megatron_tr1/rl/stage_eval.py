@@ -32,7 +32,8 @@ class StageEvaluator:
 
         if think not in self._predictors:
             self._predictors[think] = EnginePredictor(self.engine, self.cache, think=think,
-                                                      max_tokens=self.cfg.rollout.max_tokens)
+                                                      max_tokens=self.cfg.rollout.max_tokens,
+                                                      lenient=not self.cfg.data.strict)
         predictor = self._predictors[think]
         predictor.progress = progress
         return predictor
