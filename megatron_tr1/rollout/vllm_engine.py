@@ -79,6 +79,8 @@ class VLLMEngine(RolloutEngine):
                                 worker_extension_cls="megatron_tr1.rollout.vllm_worker.WorkerExtension",
                                 enable_sleep_mode=self.on_gpu, **llm_kwargs)
         self.llm.collective_rpc("use_trainer_mrope_positions")
+        if llm_kwargs.get("load_format") == "dummy":  # weights come by update_weights; derived buffers do not
+            self.llm.collective_rpc("restore_input_norm")
         self._asleep = False
 
     @contextlib.contextmanager

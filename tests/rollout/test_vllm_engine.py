@@ -68,13 +68,15 @@ def hf_stream(model):
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
 def setup(request, tmp_path_factory, tokenizer):
-    """A vLLM engine started on random weights (seed 1), then sent the weights of the model of seed 0."""
+    """A vLLM engine started on random weights (untied: vLLM's dummy weights, as the trainer starts it; tied: the
+    model of seed 1 from disk), then sent the weights of the model of seed 0."""
     from megatron_tr1.rollout.vllm_engine import VLLMEngine
 
     tie = request.param
     start = tiny_hf_model(1, tie_word_embeddings=tie)
     path = _cases.write_model_dir(start, tmp_path_factory.mktemp(f"vllm_tied{int(tie)}"))
-    engine = VLLMEngine(start.config, tokenizer, path, dtype=torch.float32, max_model_len=1024)
+    extra = {} if tie else {"load_format": "dummy"}
+    engine = VLLMEngine(start.config, tokenizer, path, dtype=torch.float32, max_model_len=1024, **extra)
     hf = tiny_hf_model(0, tie_word_embeddings=tie)
     stats = SyncStats()
     assert engine.update_weights(bucketed(hf_stream(hf), torch.float32, 300 * 1024, stats)) == stats.tensors
