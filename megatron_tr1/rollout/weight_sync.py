@@ -56,13 +56,18 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def check_bucket_bytes(dims: mapping.Dims, dtype: torch.dtype, bucket_bytes: int) -> None:
-    """ConfigError naming the largest HF tensor unless it fits in one bucket (checked before any collective)."""
+def effective_bucket_bytes(dims: mapping.Dims, dtype: torch.dtype, bucket_bytes: int) -> int:
+    """``bucket_bytes`` (``rollout.sync_bucket_bytes``), raised to the largest HF tensor in ``dtype`` when that does
+    not fit (Qwen2.5-VL-3B's embedding is 593 MiB in bf16, 7B's 1.0 GiB: above the 512 MiB default), so every tensor
+    fits one bucket; ConfigError unless ``bucket_bytes`` > 0."""
+    if bucket_bytes <= 0:
+        raise ConfigError(f"rollout.sync_bucket_bytes={bucket_bytes} must be > 0")
     itemsize = _itemsize(dtype)
-    size, name, shape = max((math.prod(shape) * itemsize, name, shape) for _, p in mapping.all_params(dims, 1)
-                            for name, shape in zip(p.hf, p.hf_shapes))
+    size, name = max((math.prod(shape) * itemsize, name) for _, p in mapping.all_params(dims, 1)
+                     for name, shape in zip(p.hf, p.hf_shapes))
     if size > bucket_bytes:
-        raise _too_small(bucket_bytes, name, shape, dtype, size)
+        log.debug("weight sync: bucket raised from %d to %d bytes for %s", bucket_bytes, size, name)
+    return max(bucket_bytes, size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +85,7 @@ def bucket_plan(dims: mapping.Dims, stage: int, pp_size: int, dtype: torch.dtype
                 ) -> list[list[_Slot]]:
     """The buckets of pipeline stage ``stage``: its HF tensors in ``mapping.params`` order (the tied output
     layer's embedding copy is not one), packed greedily into buckets of at most ``bucket_bytes`` in ``dtype``.
-    The same on every rank; ``check_bucket_bytes`` first."""
+    The same on every rank; ``effective_bucket_bytes`` first."""
     itemsize, limit = _itemsize(dtype), bucket_bytes // _itemsize(dtype)
     buckets: list[list[_Slot]] = []
     bucket: list[_Slot] = []
@@ -178,7 +183,7 @@ def sync_weights(model: torch.nn.Module, hf_config, engine=None, dtype: torch.dt
     only, collectives on every rank).
     """
     dims = mapping.Dims.from_hf_config(hf_config)
-    check_bucket_bytes(dims, dtype, bucket_bytes)
+    bucket_bytes = effective_bucket_bytes(dims, dtype, bucket_bytes)
     stats = SyncStats()
     start = time.perf_counter()
     with torch.no_grad():
