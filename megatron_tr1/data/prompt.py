@@ -62,11 +62,13 @@ def encode_prompt(tokenizer, query: str, video_inputs: VideoInputs, think: bool 
 class RolloutPrompt:
     """One prompt. ``input_ids``: token ids with the video placeholder expanded (one ``<|video_pad|>`` per
     visual token, as the trainer sees them). ``video``: its patches (HF engine, positions). ``frames``: the
-    decoded frames the patches came from (vLLM patchifies them itself; no second decode)."""
+    decoded frames the patches came from (vLLM patchifies them itself; no second decode). ``key``: where it
+    comes from, ``(video path, query, think)``, so another rank can build the same prompt (``PromptCache`` sets it)."""
 
     input_ids: list[int]
     video: VideoInputs | None = None
     frames: VideoFrames | None = None
+    key: tuple | None = None
 
 
 def build_prompt(tokenizer, hf_config, query: str, frames: VideoFrames, think: bool = True) -> RolloutPrompt:

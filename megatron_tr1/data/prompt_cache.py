@@ -76,13 +76,22 @@ class PromptCache:
         prompts = self._videos.get(str(sample.video))
         if prompts is None:
             prompt = sample_prompt(sample, self.tokenizer, self.hf_config, self.video, think)
+            prompt = dataclasses.replace(prompt, key=(str(sample.video), sample.query, think))
             self.decodes += 1
             self._keep(str(sample.video), key, prompt)
             return prompt
         self._videos.move_to_end(str(sample.video))
         if key not in prompts:
-            prompts[key] = prompt_in_mode(next(iter(prompts.values())), sample.query, self.tokenizer, think)
+            prompts[key] = dataclasses.replace(
+                prompt_in_mode(next(iter(prompts.values())), sample.query, self.tokenizer, think),
+                key=(str(sample.video), sample.query, think))
         return prompts[key]
+
+    def from_key(self, key: tuple) -> RolloutPrompt:
+        """The prompt a ``RolloutPrompt.key`` names (``(video, query, think)``), built here as ``get`` builds it."""
+        video, query, think = key
+        return self.get(Sample(video=video, query=query, start=0.0, end=0.0, duration=None, dataset="",
+                               id=f"{video}#{query}"), think)
 
     def _keep(self, video: str, key: tuple[str, bool], prompt: RolloutPrompt) -> None:
         size = _nbytes(prompt)

@@ -30,14 +30,21 @@ class EnginePredictor:
         self.engine, self.cache, self.think, self.max_tokens = engine, cache, think, max_tokens
         self.batch_size, self.name, self.progress, self.lenient = batch_size, name, progress, lenient
 
+    def _build(self, samples: Sequence[Sample]):
+        return self.cache.prompts_or_skip(samples, self.think) if self.lenient else self.cache(samples, self.think)
+
     def predict(self, samples: Sequence[Sample]) -> list[str | None]:
         greedy = Sampling(temperature=0.0, max_tokens=self.max_tokens)
+        if hasattr(self.engine, "generate_shared"):  # every rank a rollout worker (rollout.placement)
+            out = self.engine.generate_shared(len(samples), lambda idx: self._build([samples[i] for i in idx]), 1,
+                                              greedy, self.batch_size)
+            return [None if o is None else o[0].text for o in out]
         texts: list[str | None] = []
         with tqdm(total=len(samples), desc=f"eval {self.name}", unit="sample", disable=not self.progress,
                   leave=False) as bar:
             for start in range(0, len(samples), self.batch_size):
                 part = samples[start: start + self.batch_size]
-                batch = self.cache.prompts_or_skip(part, self.think) if self.lenient else self.cache(part, self.think)
+                batch = self._build(part)
                 answers = iter(self.engine.generate([p for p in batch if p is not None], 1, greedy))
                 texts += [None if p is None else next(answers)[0].text for p in batch]
                 bar.update(len(batch))

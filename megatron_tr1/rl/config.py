@@ -130,6 +130,7 @@ class RolloutConfig:
     """Sampling ``n`` responses for each of ``prompts_per_step`` prompts (``rollout.engine.Sampling``)."""
 
     engine: Literal["hf", "vllm"] = "hf"
+    tensor_parallel: int | None = None  # vLLM ranks per rollout replica (None: model.tensor_parallel); HF: always 1
     n: int = 8
     prompts_per_step: int = 8
     temperature: float = 1.0
@@ -150,6 +151,11 @@ class RolloutConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
         _positive(self, "sync_bucket_bytes")
+        if self.tensor_parallel is not None and self.tensor_parallel < 1:
+            raise ConfigError(f"tensor_parallel={self.tensor_parallel} must be >= 1 (or null: model.tensor_parallel)")
+        if self.engine == "hf" and self.tensor_parallel not in (None, 1):
+            raise ConfigError(f"tensor_parallel={self.tensor_parallel} is for the vLLM engine; the HF engine generates "
+                              f"with the whole model on every rank (leave it null or 1)")
 
 
 @dataclass
@@ -345,6 +351,10 @@ def check_layout(cfg: TrainConfig, world_size: int) -> int:
         raise ConfigError(f"world size {world_size} is not divisible by model.tensor_parallel x "
                           f"model.pipeline_parallel = {m.tensor_parallel} x {m.pipeline_parallel}")
     dp = world_size // model_parallel
+    rollout_tp = (cfg.rollout.tensor_parallel or m.tensor_parallel) if cfg.rollout.engine == "vllm" else 1
+    if world_size % rollout_tp:
+        raise ConfigError(f"rollout.tensor_parallel={rollout_tp} must divide the world size {world_size} (every rank "
+                          f"runs one rollout worker: world / rollout.tensor_parallel replicas)")
     if cfg.rollout.prompts_per_step % dp:
         raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple of the data "
                           f"parallel size {dp} (each rank samples its share of the prompts)")

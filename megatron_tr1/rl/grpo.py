@@ -18,8 +18,9 @@ Model-parallel notes: micro-batches run through ``get_forward_backward_func`` (a
 ``forward_backward_no_pipelining``, at PP>1 1F1B with ``variable_seq_lengths``). The log-probs of step 3, the loss
 and its statistics exist on the last pipeline stage only (the others hold zeros: the trainer takes the step's
 metrics from the last stage). Every rank of a model-parallel group trains on the same rollouts
-(``rollout.shared.GroupEngine``); at DP>1 each replica rolls out its own prompts, and the token count that weights
-the loss is summed over DP (``loss_weights``).
+(``rollout.placement``: every rank generates a slice of the step's prompts and gets back its own replica's); at
+DP>1 each replica trains on its own prompts, and the token count that weights the loss is summed over DP
+(``loss_weights``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import dataclasses
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 import kernels
 from kernels.reference import kl_penalty
@@ -62,24 +64,41 @@ def score(item: GroundingPrompt, responses: list[Response], reward_fn: Callable,
 def collect_groups(engine, items, cfg: TrainConfig, reward_fn, step: int, refill, timer) -> tuple[list[Group], dict]:
     """``rollout.n`` scored responses per prompt of ``items``; with dynamic sampling, more batches from
     ``refill(k)`` (k prompts) until ``len(items)`` groups with a reward spread are found or
-    ``max_sampling_tries`` batches were drawn. Returns the groups and the dynamic-sampling stats."""
+    ``max_sampling_tries`` batches were drawn. Returns the groups and the dynamic-sampling stats.
+
+    Generation is collective when every rank is a rollout worker (``rollout.placement``): all ranks go round the
+    loop together, as long as any rank still lacks groups (one all-reduce per round); a rank that has enough draws
+    its refill too (``refill`` is collective: sampler positions stay equal) but generates nothing more."""
     a, r = cfg.algorithm, cfg.rollout
     tries = a.max_sampling_tries if a.dynamic_sampling and refill is not None else 1
     sampler = DynamicSampler(target=len(items), max_tries=tries)
-    batch = list(items)
+    spacing = len(items) * getattr(engine, "dp_size", 1)  # prompts in a round over all data-parallel replicas
+    batch, attempt = list(items), 0
     while True:
-        seed = r.seed + (step * tries + sampler.tries) * len(items)  # prompt i samples with seed + i
+        seed = r.seed + (step * tries + attempt) * spacing  # the step's prompt g samples with seed + g
         sampling = Sampling(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=seed)
         with timer("rollout"):
             responses = engine.generate([i.prompt for i in batch], r.n, sampling)
         with timer("reward"):
             groups = [score(item, rs, reward_fn, cfg) for item, rs in zip(batch, responses)]
-        if sampler.add(groups, torch.tensor([x["overall"] for g in groups for x in g.rewards])):
+        if groups:
+            sampler.add(groups, torch.tensor([x["overall"] for g in groups for x in g.rewards]))
+        attempt += 1
+        if _everywhere(sampler.done):
             break
-        batch = refill(len(items))
+        more = refill(len(items))
+        batch = [] if sampler.done else more
     if not a.dynamic_sampling:
         return groups, {}
     return sampler.take(), sampler.stats()
+
+
+def _everywhere(done: bool) -> bool:
+    """Whether ``done`` holds on every rank (one all-reduce; ``done`` itself without a process group)."""
+    flag = torch.tensor([1.0 if done else 0.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def training_sequence(prompt_ids: list[int], response_ids: list[int], hf_config, pad_id: int

@@ -1,8 +1,11 @@
 """Greedy evaluation inside ``tr1 train``: each stage's final weights on the test and ood splits, and (with
 ``eval.every``) the current weights on the test split during training.
 
-The engine holds the weights to evaluate (the trainer syncs them first). Both prompt modes' predictors share the
-trainer's ``data.prompt_cache.PromptCache``: a video is decoded once while it is kept, for every stage and mode.
+The engine holds the weights to evaluate (the trainer syncs them first). Every rank calls the evaluator: with
+the rollout placement each replica answers its slice of the split and every rank gets all the answers
+(``RolloutPlacement.generate_shared``); the first rank writes the files. A video that cannot be decoded is left out
+(warned, counted). Both prompt modes' predictors share the trainer's ``data.prompt_cache.PromptCache``: a video is
+decoded once while it is kept, for every stage and mode.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ METRICS = ("mIoU", "R@0.3", "R@0.5", "R@0.7")
 
 class StageEvaluator:
     """Evaluates the ``engine``'s weights on ``samples["test"]`` / ``samples["ood"]`` (``eval.max_samples``
-    each); does nothing where the engine is None (ranks that do not hold it)."""
+    each); collective over every rank."""
 
     def __init__(self, cfg: TrainConfig, engine, samples: dict[str, list[Sample]], cache: PromptCache):
         self.cfg, self.engine, self.samples, self.cache = cfg, engine, samples, cache
@@ -32,8 +35,7 @@ class StageEvaluator:
 
         if think not in self._predictors:
             self._predictors[think] = EnginePredictor(self.engine, self.cache, think=think,
-                                                      max_tokens=self.cfg.rollout.max_tokens,
-                                                      lenient=not self.cfg.data.strict)
+                                                      max_tokens=self.cfg.rollout.max_tokens, lenient=True)
         predictor = self._predictors[think]
         predictor.progress = progress
         return predictor
@@ -43,26 +45,29 @@ class StageEvaluator:
         from megatron_tr1.eval.evaluate import score, summarize
 
         samples = self.samples_of("test")
-        if not samples or self.engine is None:
+        if not samples:
             return {}
         rows = score(samples, self.predictor(think, progress=False).predict(samples), self.cfg.eval.parser)
         metrics = summarize(rows)["all"]
         return {f"eval/test/{k}": metrics[k] for k in METRICS}
 
-    def final(self, stage: str, think: bool, out: Path) -> dict:
-        """``{split: metrics}`` of the engine's weights on test and ood; predictions, the lmms-eval
-        submission and the metrics go to ``out/<split>/``."""
+    def final(self, stage: str, think: bool, out: Path, write: bool = True) -> dict:
+        """``{split: metrics}`` of the engine's weights on test and ood; with ``write`` (the first rank) the
+        predictions, the lmms-eval submission and the metrics go to ``out/<split>/``."""
         from megatron_tr1.eval.evaluate import score, summarize, write_outputs
 
         results = {}
         for split in ("test", "ood"):
             samples = self.samples_of(split)
-            if not samples or self.engine is None:
+            if not samples:
                 continue
-            predictor = self.predictor(think, progress=self.cfg.logging.progress)
+            predictor = self.predictor(think, progress=self.cfg.logging.progress and write)
             predictor.name = stage
             rows = score(samples, predictor.predict(samples), self.cfg.eval.parser)
             metrics = summarize(rows)
-            write_outputs(out / split, rows, {"stage": stage, "think": think, "split": split, "metrics": metrics})
+            if write:
+                write_outputs(out / split, rows, {"stage": stage, "think": think, "split": split,
+                                                  "skipped_undecodable": len(samples) - len(rows),
+                                                  "metrics": metrics})
             results[split] = metrics["all"]
         return results

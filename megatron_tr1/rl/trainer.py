@@ -49,7 +49,8 @@ from megatron_tr1.rl.prompts import GroundingPrompt, grounding_item
 from megatron_tr1.rl.sampler import PromptSampler, shard
 from megatron_tr1.rl.stage_eval import StageEvaluator
 from megatron_tr1.rl.update import unwrap
-from megatron_tr1.rollout.shared import GroupEngine
+from megatron_tr1.models.qwen2_5_vl.size import Dims
+from megatron_tr1.rollout.placement import ReplicaLayout, RolloutPlacement
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -128,11 +129,14 @@ class Trainer:
     folder ``hf_dir`` (config, tokenizer) and the first weights ``init_weights`` (default ``hf_dir``; an HF folder
     or a tr1 Megatron checkpoint). Call after ``distributed.init_parallel``; ``backend`` is its result.
 
-    The rollout engine sleeps (on GPU: hands its memory to training) except to take weights, generate and
-    evaluate: ``wake_up`` -> ``sync_weights`` before a GRPO stage's first step and before evaluating a stage that
-    did not generate (base, SFT); ``grpo_step`` sleeps it after its rollouts and wakes it for its closing sync; the
-    end of every stage puts it back to sleep. The engine is built without weights (``load_format="dummy"`` for
-    vLLM, random for HF): every use of it follows a sync."""
+    Every rank is a rollout worker (``rollout.placement``): vLLM with ``rollout.tensor_parallel`` ranks per
+    replica (default ``model.tensor_parallel``) under ``external_launcher``, or one HF engine per rank; a step's
+    prompts are spread over all replicas and every rank gets its own prompts' responses. The engines sleep (on GPU:
+    hand their memory to training) except to take weights, generate and evaluate: ``wake_up`` -> ``sync_weights``
+    before a GRPO stage's first step and before evaluating a stage that did not generate (base, SFT);
+    ``grpo_step`` sleeps them after its rollouts and wakes them for its closing sync; the end of every stage puts
+    them back to sleep. They are built without weights (``load_format="dummy"`` for vLLM, random for HF): every
+    use follows a sync."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, hf_dir: Path, samples: dict[str, list[Sample]],
                  resume: str | None = None, callbacks=(), backend: Backend | None = None,
@@ -148,22 +152,23 @@ class Trainer:
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.dp = ps.get_data_parallel_world_size()
         self.stop = StopFlag()
-        self.engine = None  # the real engine, on the first rank of each model-parallel group
-        group = ps.get_model_parallel_group() if dist.is_initialized() else None
-        holder = group is None or dist.get_rank() == dist.get_process_group_ranks(group)[0]
-        if holder:
-            kwargs = {}
-            if cfg.rollout.engine == "vllm":
-                kwargs.update(model_dir=str(hf_dir), load_format="dummy", seed=cfg.seed,
-                              gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                              max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_tokens)
-            self.engine = make_engine(cfg.rollout.engine, self.hf_config, self.tokenizer, self.backend, **kwargs)
-        # what every rank of the group samples from; its dtype (the same on every rank) is the sync's
-        self.group_engine = GroupEngine(self.engine, group, self.backend.dtype)
-        self.group_engine.sleep()  # until a stage needs it
+        kwargs, rollout_tp = {}, 1  # the HF engine: each rank one whole replica
+        if cfg.rollout.engine == "vllm":
+            rollout_tp = cfg.rollout.tensor_parallel or cfg.model.tensor_parallel
+            kwargs.update(model_dir=str(hf_dir), load_format="dummy", seed=cfg.seed, tensor_parallel=rollout_tp,
+                          gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                          max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_tokens)
+        if rollout_tp > 1:  # vLLM splits heads, query groups and the vocabulary as megatron does
+            Dims.from_hf_config(self.hf_config, source=str(hf_dir / "config.json")).validate(
+                rollout_tp, 1, "rollout.tensor_parallel={}", "")
+        layout = ReplicaLayout.current(rollout_tp)
+        self.engine = make_engine(cfg.rollout.engine, self.hf_config, self.tokenizer, self.backend, **kwargs)
         # one cache of decoded videos for training and evaluation
         self.prompt_cache = PromptCache(self.tokenizer, self.hf_config, cfg.data.video, cfg.data.cache_gb)
-        self.evaluator = StageEvaluator(cfg, self.engine, samples, self.prompt_cache)
+        self.rollout = RolloutPlacement(self.engine, layout, self.prompt_cache.from_key,
+                                        ps.get_data_parallel_rank(), self.dp)
+        self.rollout.sleep()  # until a stage needs it
+        self.evaluator = StageEvaluator(cfg, self.rollout, samples, self.prompt_cache)
 
     # ---------------------------------------------------------------- data
     def prompts(self, split: str, indices: list[int], think: bool) -> list[GroundingPrompt | None]:
@@ -257,9 +262,9 @@ class Trainer:
         """Wake the engine and push ``model``'s weights into it (collective over the model-parallel group)."""
         from megatron_tr1.rollout.weight_sync import sync_weights
 
-        self.group_engine.wake_up()
-        sync_weights(unwrap(model), self.hf_config, self.engine, dtype=self.group_engine.dtype,
-                     bucket_bytes=self.cfg.rollout.sync_bucket_bytes)
+        self.rollout.wake_up()
+        return sync_weights(unwrap(model), self.hf_config, self.engine, dtype=self.backend.dtype,
+                            bucket_bytes=self.cfg.rollout.sync_bucket_bytes)
 
     def run_stage(self, stage: str) -> str:
         from megatron_tr1.distributed import wrap_ddp_and_optimizer
@@ -328,7 +333,7 @@ class Trainer:
                         self.sync_engine(policy)
                     metrics |= self.evaluator.during_training(think)
                     if not grpo:
-                        self.group_engine.sleep()
+                        self.rollout.sleep()
                 state.epoch, state.index = sampler.position
                 if logger is not None:
                     state.metrics.append(logger.log(state.step, metrics))
@@ -347,7 +352,7 @@ class Trainer:
             self.finish_stage(stage, model, state, think)
             return status
         finally:
-            self.group_engine.sleep()
+            self.rollout.sleep()
             bar.close()
             if logger is not None:
                 logger.close()
@@ -372,7 +377,7 @@ class Trainer:
             return self.draw(sampler, k, lambda indices: self.prompts("train", indices, think))
 
         items = draw(self.cfg.rollout.prompts_per_step // self.dp)
-        return grpo_step(policy, optimizer, self.group_engine, ref, items, self.cfg, self.tokenizer, self.hf_config,
+        return grpo_step(policy, optimizer, self.rollout, ref, items, self.cfg, self.tokenizer, self.hf_config,
                          step=step, think=think, refill=draw, sync=self.backend.sync)
 
     # ---------------------------------------------------------------- checkpoints
@@ -392,11 +397,11 @@ class Trainer:
         tmp = out / "model.tmp"
         save_weights(model, tmp, self.hf_dir)
         _barrier()
+        results = self.evaluator.final(stage, think, out / "eval", write=_rank0())  # every rank: collective
         if _rank0():
             import shutil
             shutil.rmtree(out / "model", ignore_errors=True)
             tmp.rename(out / "model")
-            results = self.evaluator.final(stage, think, out / "eval")
             (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
             if self.cfg.logging.plots:
                 from megatron_tr1.rl.plots import plot_training

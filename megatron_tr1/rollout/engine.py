@@ -32,7 +32,8 @@ ENGINES = ("hf", "vllm")
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How to sample. ``temperature=0`` is greedy. ``seed`` makes a call reproducible (prompt ``i`` uses
-    ``seed + i``). Generation stops at ``<|im_end|>`` (kept as the last token) or after ``max_tokens``."""
+    ``seed + i`` unless ``generate`` is given each prompt's seed). Generation stops at ``<|im_end|>`` (kept as
+    the last token) or after ``max_tokens``."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -69,6 +70,15 @@ def prompt_positions(hf_config, prompt: RolloutPrompt) -> torch.Tensor:
                           second_per_grid_ts=torch.tensor([prompt.video.second_per_grid_ts]))[:, 0]
 
 
+def prompt_seeds(prompts: Sequence, sampling: Sampling, seeds: Sequence[int] | None) -> list[int | None]:
+    """Each prompt's seed: ``seeds``, else ``sampling.seed + i``, else None (unseeded)."""
+    if seeds is not None:
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        return list(seeds)
+    return [None if sampling.seed is None else sampling.seed + i for i in range(len(prompts))]
+
+
 def stop_token_id(tokenizer) -> int:
     """The id of ``<|im_end|>`` (ConfigError when the tokenizer lacks it)."""
     token_id = tokenizer.convert_tokens_to_ids(STOP_TOKEN)
@@ -81,8 +91,11 @@ class RolloutEngine(abc.ABC):
     """Samples responses from the current policy weights."""
 
     @abc.abstractmethod
-    def generate(self, prompts: Sequence[RolloutPrompt], n: int, sampling: Sampling) -> list[list[Response]]:
-        """``n`` responses for each prompt, in prompt order."""
+    def generate(self, prompts: Sequence[RolloutPrompt], n: int, sampling: Sampling,
+                 seeds: Sequence[int] | None = None) -> list[list[Response]]:
+        """``n`` responses for each prompt, in prompt order. Prompt ``i``'s samples are seeded by ``seeds[i]``
+        (default ``sampling.seed + i``; unseeded when ``sampling.seed`` is None and no ``seeds``): the same seed
+        gives the same samples whatever else is in the call."""
 
     @abc.abstractmethod
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:

@@ -4,7 +4,7 @@ For machines where vLLM does not run, and as the reference the vLLM engine is te
 prefilled together (left-padded, up to ``max_batch_prompts``) at the trainer's M-RoPE positions
 (``engine.prompt_positions``), each prompt's KV cache is repeated ``n`` times and all samples decode together,
 token ``k`` of a response at position ``last + 1 + k`` of its prompt. Sampling is temperature + top-p from one
-seeded ``torch.Generator`` per prompt (prompt ``i`` of a call: ``seed + i``).
+seeded ``torch.Generator`` per prompt (its seed: ``engine.prompt_seeds``).
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import torch
 from megatron_tr1.convert.mapping import hf_disk_name, name_list
 from megatron_tr1.errors import CheckpointError
 from megatron_tr1.data.prompt import RolloutPrompt
-from megatron_tr1.rollout.engine import Response, RolloutEngine, Sampling, prompt_positions, stop_token_id
+from megatron_tr1.rollout.engine import (Response, RolloutEngine, Sampling, prompt_positions, prompt_seeds,
+                                         stop_token_id)
 
 
 def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator
@@ -79,22 +80,25 @@ class HFEngine(RolloutEngine):
         self.model.to(self.device)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[RolloutPrompt], n: int, sampling: Sampling) -> list[list[Response]]:
+    def generate(self, prompts: Sequence[RolloutPrompt], n: int, sampling: Sampling,
+                 seeds: Sequence[int] | None = None) -> list[list[Response]]:
+        seeds = prompt_seeds(prompts, sampling, seeds)
         out = []
         for start in range(0, len(prompts), self.max_batch_prompts):
-            out += self._generate_batch(prompts[start: start + self.max_batch_prompts], n, sampling, start)
+            end = start + self.max_batch_prompts
+            out += self._generate_batch(prompts[start: end], n, sampling, seeds[start: end])
         return out
 
-    def _generate_batch(self, prompts: Sequence[RolloutPrompt], n: int, sampling: Sampling, offset: int
-                        ) -> list[list[Response]]:
+    def _generate_batch(self, prompts: Sequence[RolloutPrompt], n: int, sampling: Sampling,
+                        seeds: Sequence[int | None]) -> list[list[Response]]:
         """Prefill the prompts together (left-padded), repeat each one's cache ``n`` times, decode all rows."""
         generators = []
-        for i in range(len(prompts)):
+        for seed in seeds:
             generator = torch.Generator(self.device)
-            if sampling.seed is None:
+            if seed is None:
                 generator.seed()
             else:
-                generator.manual_seed(sampling.seed + offset + i)
+                generator.manual_seed(seed)
             generators.append(generator)
         width = max(len(p.input_ids) for p in prompts)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)

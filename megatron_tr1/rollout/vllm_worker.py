@@ -77,6 +77,13 @@ class WorkerExtension:
         with set_current_vllm_config(self.vllm_config):
             visual.input_norm = build_mm_input_norm(self.model_config).to(device)
 
+    def vocab_range(self) -> tuple[int, int]:
+        """The token ids ``[start, end)`` of the vocabulary this worker's embedding shard holds."""
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+        embedding = next(m for m in self.model_runner.get_model().modules() if isinstance(m, VocabParallelEmbedding))
+        return embedding.shard_indices.org_vocab_start_index, embedding.shard_indices.org_vocab_end_index
+
     def load_weight_stream(self, named_tensors) -> int:
         """Reload every weight from ``(hf_name, tensor)`` pairs; returns how many were consumed."""
         stream = _Counted(named_tensors)

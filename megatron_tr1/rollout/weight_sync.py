@@ -36,8 +36,9 @@ DEFAULT_BUCKET_BYTES = 512 * 2 ** 20
 
 @dataclasses.dataclass
 class SyncStats:
-    """What one sync moved: seconds, HF tensors, bytes (in the engine dtype), buckets, largest bucket, and the
-    collectives this rank issued (PP broadcasts + TP all-gathers)."""
+    """What one sync moved: seconds, HF tensors handed to the engine and their bytes (in the engine dtype),
+    buckets, largest bucket, the collectives this rank issued (PP broadcasts + TP all-gathers), the bytes it sent
+    to and received from other ranks, and the parameters it fed from its own shard (``local``: no gather)."""
 
     seconds: float = 0.0
     tensors: int = 0
@@ -45,6 +46,9 @@ class SyncStats:
     buckets: int = 0
     peak_bucket_bytes: int = 0
     collectives: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    local: int = 0
 
 
 def _too_small(bucket_bytes: int, name: str, shape, dtype: torch.dtype, size: int) -> ConfigError:
@@ -114,11 +118,16 @@ def _local_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def gathered_hf_tensors(model: torch.nn.Module, dims: mapping.Dims, dtype: torch.dtype = torch.float32,
                         bucket_bytes: int = DEFAULT_BUCKET_BYTES, stats: SyncStats | None = None,
-                        keep: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+                        keep: bool = True, local_vocab: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """``(hf_name, full tensor in dtype)`` for the whole model, on every rank of the model-parallel group
     (collective), bucket by bucket as the module docstring says; ``stats`` counts what this rank buffered and
     the collectives it issued. The tensors are views of the current bucket: copy what must outlive the next
-    ``next()``. ``keep=False`` (a rank without an engine) runs the collectives and yields nothing."""
+    ``next()``. ``keep=False`` (a rank without an engine) runs the collectives and yields nothing.
+
+    ``local_vocab`` not None (the engine is split like this TP group and PP = 1: ``local_sync``): each TP-split
+    parameter is fed from this rank's own shard alone, as a full-shaped HF tensor whose other ranks' parts are
+    left unset (the engine reads only its own part): no gather. The vocabulary-split ones too when
+    ``local_vocab`` (the engine's vocabulary shards are megatron's), else those are gathered."""
     stats = SyncStats() if stats is None else stats
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -131,13 +140,21 @@ def gathered_hf_tensors(model: torch.nn.Module, dims: mapping.Dims, dtype: torch
     device = next(iter(state.values())).device
     pack = keep or pp_size > 1  # a lone TP rank without an engine only joins the all-gathers
 
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    vocab = {"language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight"}
+
     def gather(p: mapping.Param) -> dict[str, torch.Tensor]:
         shard = state[p.mcore].detach()
         if p.kind == mapping.REPLICATED or tp_size == 1:
             return mapping.merge(p, [shard] * tp_size)
+        if local_vocab is not None and (local_vocab or p.mcore not in vocab):
+            stats.local += 1
+            return mapping.merge(p, [shard if r == tp_rank else torch.empty_like(shard) for r in range(tp_size)])
         shards = [torch.empty_like(shard) for _ in range(tp_size)]
         dist.all_gather(shards, shard.contiguous(), group=tp_group)
         stats.collectives += 1
+        stats.bytes_sent += shard.nbytes * (tp_size - 1)
+        stats.bytes_received += shard.nbytes * (tp_size - 1)
         return mapping.merge(p, shards)
 
     for stage in range(pp_size):
@@ -156,6 +173,10 @@ def gathered_hf_tensors(model: torch.nn.Module, dims: mapping.Dims, dtype: torch
             if pp_size > 1:
                 dist.broadcast(flat, src=pp_ranks[stage], group=pp_group)
                 stats.collectives += 1
+                if stage == pp_rank:
+                    stats.bytes_sent += flat.nbytes * (pp_size - 1)
+                else:
+                    stats.bytes_received += flat.nbytes
             if not keep:
                 del flat
                 continue
@@ -174,25 +195,42 @@ def gathered_hf_tensors(model: torch.nn.Module, dims: mapping.Dims, dtype: torch
             del last
 
 
+def local_sync(engine, tp_size: int, pp_size: int, vocab_size: int) -> bool | None:
+    """Whether ``engine`` can be fed from this rank's own shards (see ``gathered_hf_tensors``): None when not (its
+    tensor parallelism differs from this TP group's, PP > 1, or it holds whole tensors), else whether its
+    vocabulary shards are megatron's too (``engine.vocab_range``)."""
+    engine_tp = getattr(engine, "tensor_parallel", 1)
+    if engine is None or tp_size == 1 or engine_tp != tp_size or pp_size != 1:
+        return None
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    per = vocab_size // tp_size
+    return tuple(engine.vocab_range()) == (tp_rank * per, (tp_rank + 1) * per)
+
+
 def sync_weights(model: torch.nn.Module, hf_config, engine=None, dtype: torch.dtype = torch.bfloat16,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> SyncStats:
     """Push this policy's weights into ``engine`` (on ranks that hold one); collective over TP and PP.
 
-    ``model`` is the unwrapped ``Qwen2_5_VLModel`` of this rank; ``dtype`` is the engine's weight dtype.
-    Returns the sync's ``SyncStats`` (the time is also logged; tensors, bytes and buckets count on engine ranks
-    only, collectives on every rank).
+    ``model`` is the unwrapped ``Qwen2_5_VLModel`` of this rank; ``dtype`` is the engine's weight dtype. An engine
+    split like the TP group (vLLM at ``rollout.tensor_parallel`` = TP, PP = 1) is fed from this rank's own shards
+    without gathers (``local_sync``). Returns the sync's ``SyncStats`` (the time is also logged; tensors, bytes
+    and buckets count on engine ranks only, collectives and bytes sent / received on every rank).
     """
     dims = mapping.Dims.from_hf_config(hf_config)
     bucket_bytes = effective_bucket_bytes(dims, dtype, bucket_bytes)
     stats = SyncStats()
     start = time.perf_counter()
+    local = local_sync(engine, parallel_state.get_tensor_model_parallel_world_size(),
+                       parallel_state.get_pipeline_model_parallel_world_size(), dims.vocab)
     with torch.no_grad():
-        stream = gathered_hf_tensors(model, dims, dtype, bucket_bytes, stats, keep=engine is not None)
+        stream = gathered_hf_tensors(model, dims, dtype, bucket_bytes, stats, keep=engine is not None,
+                                     local_vocab=local)
         if engine is not None:
             engine.update_weights(stream)
         collections.deque(stream, maxlen=0)  # whatever is left: every rank runs every collective
     stats.seconds = time.perf_counter() - start
-    log.debug("weight sync: %d tensors, %.1f MB in %d buckets (largest %.1f MB), %d collectives, in %.3f s",
-             stats.tensors, stats.bytes / 2 ** 20, stats.buckets, stats.peak_bucket_bytes / 2 ** 20,
-             stats.collectives, stats.seconds)
+    log.debug("weight sync: %d tensors, %.1f MB in %d buckets (largest %.1f MB), %d collectives, %.1f MB sent, "
+              "%.1f MB received, %d parameters from the local shard, in %.3f s", stats.tensors, stats.bytes / 2**20,
+              stats.buckets, stats.peak_bucket_bytes / 2**20, stats.collectives, stats.bytes_sent / 2**20,
+              stats.bytes_received / 2**20, stats.local, stats.seconds)
     return stats

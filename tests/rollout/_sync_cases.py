@@ -2,9 +2,9 @@
 
 ``tp2_pp2_sync_case``: the tiny model at TP=2 x PP=2 (4 gloo ranks) takes one Adam step, then syncs into a
 ``RecordingEngine`` on rank 0; rank 0 also gathers every rank's shards and returns the largest difference from
-``testing.reference.mcore_to_hf_state`` of them. ``vllm_tp2_sync_case``: the tiny model at TP=2 takes one Adam step and
-syncs into a ``VLLMEngine`` that rank 0 alone holds (started inside ``VLLMEngine's own default process group``); rank 0 samples and
-compares the engine's log-probs with the Megatron RL forward run by both ranks.
+``testing.reference.mcore_to_hf_state`` of them. ``vllm_tp2_sync_case``: the tiny model at TP=2 takes one Adam step
+and syncs into the vLLM worker every rank runs; the engine's log-probs are compared with the Megatron RL forward.
+``local_sync_case``: the same-TP sync feeds each rank's engine from its own shard, without gathers.
 """
 import zlib
 
@@ -74,7 +74,11 @@ def tp2_pp2_sync_case(rank, world, tie, bucket_bytes):
     return out
 
 
-def vllm_tp2_sync_case(rank, world, model_dir, tie):
+def vllm_tp2_sync_case(rank, world, model_dir, tie, rollout_tp):
+    """Megatron TP=2 on 2 ranks, every rank a vLLM worker (``rollout_tp`` ranks per replica: 2 = one replica fed
+    from the local shards, 1 = two replicas fed gathered tensors), started on vLLM's dummy weights. The engine's
+    log-probs before any sync (mismatch ~1: a missed sync shows), then after an optimizer step and a sync (equal
+    to the Megatron RL forward's)."""
     from megatron_tr1.distributed import init_parallel
     from megatron_tr1.rollout.engine import Sampling
     from megatron_tr1.rollout.vllm_engine import VLLMEngine
@@ -83,7 +87,7 @@ def vllm_tp2_sync_case(rank, world, model_dir, tie):
     from megatron_tr1.testing.tiny_model import tiny_mcore_model
     from megatron_tr1.demo import build_tiny_tokenizer
 
-    from _cases import full_sequence, recomputed_logprobs, video_prompt
+    from _cases import full_sequence, video_prompt
 
     init_parallel(2, 1)
     hf = tiny_hf_model(0, tie_word_embeddings=tie)
@@ -91,30 +95,76 @@ def vllm_tp2_sync_case(rank, world, model_dir, tie):
     model = tiny_mcore_model(hf)
     prompt = video_prompt(config, tokenizer, fps=0.5)
     video = dict(pixel_values_videos=prompt.video.pixel_values_videos, video_grid_thw=prompt.video.video_grid_thw)
+    engine = VLLMEngine(config, tokenizer, model_dir, dtype=torch.float32, max_model_len=1024,
+                        tensor_parallel=rollout_tp, load_format="dummy")
+    sampling = Sampling(temperature=0.8, max_tokens=8, seed=3)
 
+    def mismatch():
+        responses = engine.generate([prompt], 2, sampling)[0]  # the same request on every rank of a replica
+        worst = 0.0
+        for response in responses:
+            ids, positions, labels = full_sequence(config, prompt, response.token_ids)
+            with torch.no_grad():
+                ours = model.forward_logprobs(ids, positions, labels, temperature=sampling.temperature, **video)
+            worst = max(worst, (ours[labels != -100] - torch.tensor(response.logprobs)).abs().max().item())
+        return worst, [r.token_ids for r in responses]
+
+    before, _ = mismatch()
     # one optimizer step on the policy: raise the log-probs of a fixed continuation
     ids, positions, labels = full_sequence(config, prompt, list(range(20, 36)))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.forward_logprobs(ids, positions, labels, **video)[labels != -100].sum().neg().backward()
     optimizer.step()
-
-    engine = None
-    if rank == 0:  # started on the weights of another seed: everything the engine samples with comes from the sync
-        engine = VLLMEngine(config, tokenizer, model_dir, dtype=torch.float32, max_model_len=1024)
     stats = sync_weights(model, config, engine, dtype=torch.float32, bucket_bytes=300 * 1024)
+    after, tokens = mismatch()
+    every = [None] * world
+    dist.all_gather_object(every, tokens)
+    engine.close()
+    dist.all_reduce(torch.ones(1), group=None)  # the trainer's groups survive the engine's close
+    return {"stats": stats, "before": before, "after": after, "same_tokens": every[0] == every[1]}
 
-    sampling = Sampling(temperature=0.8, max_tokens=8, seed=3)
-    responses = [engine.generate([prompt], 2, sampling)[0] if rank == 0 else None]
-    dist.broadcast_object_list(responses, src=0)
-    diffs, changes = [], []
-    for response in responses[0]:
-        ids, positions, labels = full_sequence(config, prompt, response.token_ids)
-        with torch.no_grad():
-            ours = model.forward_logprobs(ids, positions, labels, temperature=sampling.temperature, **video)
-        ours = ours[labels != -100]
-        engine_lp = torch.tensor(response.logprobs)
-        diffs.append((ours - engine_lp).abs().max().item())
-        changes.append((recomputed_logprobs(hf, prompt, response, sampling.temperature) - engine_lp).abs().max().item())
-    if engine is not None:
-        engine.close()
-    return {"stats": stats, "max_diff": max(diffs), "step_change": max(changes)}
+
+class ShardedRecordingEngine(RecordingEngine):
+    """A ``RecordingEngine`` split like the TP group (what ``local_sync`` looks for)."""
+
+    tensor_parallel = 2
+
+    def vocab_range(self):
+        from megatron.core import parallel_state
+
+        r = parallel_state.get_tensor_model_parallel_rank()
+        return (r * 256, (r + 1) * 256)  # the tiny vocabulary of 512 in two halves, as megatron splits it
+
+
+def local_sync_case(rank, world, tie):
+    """TP=2: each rank feeds its own ``ShardedRecordingEngine`` from its own shard. Returns the stats and, per
+    received HF tensor, the largest difference between its part for this rank and that part of the whole model."""
+    from megatron.core import parallel_state
+
+    from megatron_tr1.convert import mapping
+    from megatron_tr1.demo import tiny_hf_model
+    from megatron_tr1.distributed import init_parallel
+    from megatron_tr1.rollout.weight_sync import sync_weights
+    from megatron_tr1.testing.reference import mcore_to_hf_state
+    from megatron_tr1.testing.tiny_model import tiny_mcore_model
+
+    init_parallel(2, 1)
+    hf = tiny_hf_model(0, tie_word_embeddings=tie)
+    model = tiny_mcore_model(hf)
+    adam_step_on_random_gradients(model)
+    engine = ShardedRecordingEngine()
+    stats = sync_weights(model, hf.config, engine, dtype=torch.float32, bucket_bytes=300 * 1024)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if mapping.is_weight_name(k)}
+    shards = [None] * world
+    dist.all_gather_object(shards, ((parallel_state.get_tensor_model_parallel_rank(), 0), state))
+    want = dict(mcore_to_hf_state(dict(shards), hf.config, 2, 1))
+    dims = mapping.Dims.from_hf_config(hf.config)
+    kinds = {n: p for p in mapping.params(dims, 0, 1) for n in p.hf}
+    diffs = {}
+    for name, got in engine.received:
+        p = kinds[name]
+        # this rank's part of a full tensor: split both the same way and compare shard `rank`
+        ours = mapping.split(p, [got if n == name else want[n] for n in p.hf], rank, 2)
+        theirs = mapping.split(p, [want[n] for n in p.hf], rank, 2)
+        diffs[name] = (ours - theirs).abs().max().item()
+    return {"stats": stats, "diffs": diffs, "names": sorted(n for n, _ in engine.received), "want": sorted(want)}

@@ -1,16 +1,16 @@
-"""Megatron TP=2 -> ``VLLMEngine`` held by rank 0 alone: after an optimizer step and a weight sync, the engine's
-log-probs on a video prompt equal the Megatron RL forward's. Skipped when vLLM is not importable.
+"""Megatron TP=2 -> vLLM on every rank (``external_launcher``): after an optimizer step and a weight sync, the
+engine's log-probs on a video prompt equal the Megatron RL forward's, with one replica of rollout TP=2 fed from
+each rank's own shards and with two replicas of rollout TP=1 fed gathered tensors; before any sync they are far off
+(a missed sync fails the test). Skipped when vLLM is not importable.
 
-fp32 on CPU, 2 gloo ranks. vLLM runs in-process on rank 0 with a default process group of its own
-(``VLLMEngine._own_default_group``: with the trainer's it would block in ``new_group``). Tolerance 1e-4; the step
-moves the log-probs by > 1e-3. ~60 s per case on 2 cores: the tied case is marked slow.
+fp32 on CPU, 2 gloo ranks. Tolerance 1e-4; ~60 s per case on 2 cores: the tied cases are marked slow.
 """
 import importlib.util
 
 import pytest
 
-from megatron_tr1.launch import run_ranks
 from megatron_tr1.demo import tiny_hf_model
+from megatron_tr1.launch import run_ranks
 
 import _cases
 import _sync_cases
@@ -20,11 +20,17 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
 LOGPROB_ATOL = 1e-4
 
 
+@pytest.mark.parametrize("rollout_tp", [2, 1], ids=["rollout_tp2_local", "rollout_tp1_two_replicas"])
 @pytest.mark.parametrize("tie", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["untied", "tied"])
-def test_tp2_sync_into_vllm_on_rank0_matches_policy(tmp_path, tie):
-    model_dir = _cases.write_model_dir(tiny_hf_model(1, tie_word_embeddings=tie), tmp_path)  # other weights
-    results = run_ranks(_sync_cases.vllm_tp2_sync_case, 2, model_dir, tie)
-    ours = results[0]
-    assert ours["stats"].tensors > 0 and results[1]["stats"].tensors == 0  # rank 1 holds no engine
-    assert ours["max_diff"] < LOGPROB_ATOL
-    assert ours["step_change"] > 1e-3
+def test_tp2_sync_into_vllm_on_every_rank(tmp_path, tie, rollout_tp):
+    model_dir = _cases.write_model_dir(tiny_hf_model(1, tie_word_embeddings=tie), tmp_path)  # config + tokenizer
+    results = run_ranks(_sync_cases.vllm_tp2_sync_case, 2, model_dir, tie, rollout_tp, timeout=600)
+    for out in results:
+        assert out["before"] > 0.1  # vLLM's dummy weights: the sync is what makes them equal
+        assert out["after"] < LOGPROB_ATOL and out["same_tokens"]
+        stats = out["stats"]
+        assert stats.tensors > 0
+        if rollout_tp == 2:  # fed from the rank's own shards: nothing crosses between ranks
+            assert stats.local > 0 and stats.collectives == 0 and stats.bytes_sent == stats.bytes_received == 0
+        else:
+            assert stats.local == 0 and stats.collectives > 0 and stats.bytes_received > 0

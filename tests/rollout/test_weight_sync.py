@@ -128,3 +128,16 @@ def test_tp2_pp2_sync_after_optimizer_step_equals_gathered_shards(tie):
     for r in results:
         tp_rank, pp_rank = r["position"]
         assert r["stats"].collectives == buckets + tp_split_params(tie, pp_rank, 2)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_same_tp_sync_feeds_each_rank_from_its_own_shard(tie):
+    """An engine split like the TP group gets each TP-split parameter from the rank's own shard: no gather, no
+    byte between ranks, and its own part of every tensor equals that part of the whole model."""
+    results = run_ranks(_sync_cases.local_sync_case, 2, tie, timeout=300)
+    for out in results:
+        assert out["names"] == out["want"]
+        assert max(out["diffs"].values()) == 0.0
+        stats = out["stats"]
+        assert stats.collectives == 0 and stats.bytes_sent == stats.bytes_received == 0
+        assert stats.local == tp_split_params(tie, 0, 1)
