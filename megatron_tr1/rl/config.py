@@ -336,7 +336,9 @@ class TrainConfig:
             raise ConfigError(f"optim.max_tokens_per_micro_batch={self.optim.max_tokens_per_micro_batch} is less "
                               f"than data.max_prompt_tokens + rollout.max_tokens = {longest}: the longest sequence "
                               f"would not fit a micro-batch")
-        check_layout(self, world_size=self.model.tensor_parallel * self.model.pipeline_parallel)
+        rollout_tp = (self.rollout.tensor_parallel or 1) if self.rollout.engine == "vllm" else 1
+        check_layout(self, world_size=math.lcm(self.model.tensor_parallel * self.model.pipeline_parallel,
+                                               rollout_tp))  # the smallest world this layout fits
 
     def stage_batch(self, stage: str) -> int:
         """The global batch size (sequences per optimizer step) of ``stage``."""

@@ -262,6 +262,21 @@ def grpo_step(policy, optimizer, engine, ref_model, prompts_with_gt: Sequence[Gr
     # 6. weight sync
     with timer("sync"):
         engine.wake_up()
-        sync_weights(unwrap(policy), hf_config, engine, dtype=engine.dtype,
-                     bucket_bytes=cfg.rollout.sync_bucket_bytes)
+        stats = sync_weights(unwrap(policy), hf_config, engine, dtype=engine.dtype,
+                             bucket_bytes=cfg.rollout.sync_bucket_bytes)
+    metrics |= {"sync/bytes_sent": stats.bytes_sent, "sync/bytes_received": stats.bytes_received}
+    metrics |= rollout_stats(engine, timer)
     return metrics | timer.stats(tokens=sum(len(s) for s in seqs))
+
+
+def rollout_stats(engine, timer) -> dict[str, float]:
+    """``rollout/replicas`` (replicas that generated this step) and ``rollout/tokens_per_s_per_gpu`` (every
+    replica's generated tokens over the step's rollout time and the world size), from ``rollout.placement``."""
+    done = getattr(engine, "step_stats", None)
+    if not done:
+        return {}
+    engine.step_stats = {}
+    seconds = timer.seconds.get("rollout", 0.0)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return {"rollout/replicas": done["replicas"],
+            "rollout/tokens_per_s_per_gpu": done["tokens"] / seconds / world if seconds > 0 else 0.0}

@@ -91,7 +91,8 @@ class RolloutPlacement:
         self.engine, self.layout, self.prompt_of = engine, layout, prompt_of
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.dtype = getattr(engine, "dtype", None)
-        self.generated = 0  # prompts this replica generated in the last call (for the step's metrics)
+        self.generated = 0  # prompts this replica generated in the last call
+        self.step_stats: dict = {}  # replicas that generated and tokens generated, summed until read (grpo_step)
 
     # --- the engine interface the trainer uses on every rank ---
     @property
@@ -140,7 +141,14 @@ class RolloutPlacement:
                 replica, outs = item
                 for g, r in zip(split(len(owner), lay.replicas)[replica], outs):
                     responses[g] = r
+        self._count(gathered)
         return responses[start: start + len(prompts)]
+
+    def _count(self, gathered: list) -> None:
+        worked = {item[0] for item in gathered if item is not None and item[1]}
+        tokens = sum(len(x.token_ids) for item in gathered if item is not None for group in item[1] for x in group)
+        self.step_stats = {"replicas": max(len(worked), self.step_stats.get("replicas", 0)),
+                           "tokens": self.step_stats.get("tokens", 0) + tokens}
 
     def _rebuild(self, key):
         if key is None:

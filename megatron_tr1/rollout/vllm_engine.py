@@ -97,6 +97,8 @@ class VLLMEngine(RolloutEngine):
                             limit_mm_per_prompt={"video": 1, "image": 0}, logprobs_mode="processed_logprobs",
                             worker_extension_cls="megatron_tr1.rollout.vllm_worker.WorkerExtension",
                             enable_sleep_mode=self.on_gpu, **llm_kwargs)
+        if not self.on_gpu:  # vLLM's CPU worker makes torch.set_num_threads a no-op that warns on every call
+            torch.set_num_threads = lambda threads: None  # (hundreds per run): the same no-op, without the noise
         self.llm.collective_rpc("use_trainer_mrope_positions")
         if llm_kwargs.get("load_format") == "dummy":  # weights come by update_weights; derived buffers do not
             self.llm.collective_rpc("restore_input_norm")

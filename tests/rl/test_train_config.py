@@ -81,6 +81,17 @@ def test_layout_needs_world_divisible_by_model_parallel():
                                               "stages.sft.global_batch_size=48"]), 3)
 
 
+def test_rollout_tensor_parallel_divides_the_world():
+    cfg = load_train_config(None, ["rollout.engine=vllm", "rollout.tensor_parallel=4", "optim.micro_batch_size=4",
+                                   "stages.base.global_batch_size=32"])
+    with pytest.raises(ConfigError, match=r"rollout.tensor_parallel=4 must divide the world size 2 \(every rank runs "
+                                          r"one rollout worker"):
+        check_layout(cfg, 2)
+    assert check_layout(cfg, 8) == 8
+    with pytest.raises(ConfigError, match=r"tensor_parallel=2 is for the vLLM engine"):
+        load_train_config(None, ["rollout.tensor_parallel=2"])
+
+
 def test_bad_value_in_file_names_the_file(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text("rollout:\n  n: 1\n")
