@@ -203,3 +203,17 @@ def write_demo_model_dir(tiny, out: str | Path, seed: int = 0) -> Path:
     del tokenizer
     tmp.rename(out)
     return out
+
+
+def write_tiny_model_dir(hf, path: str | Path) -> str:
+    """An HF folder of the tiny model ``hf`` that vLLM can load: weights, config, the tiny tokenizer, and processor
+    configs for its 4-pixel patches with pixel bounds that leave tiny frames unresized (selftest, tests)."""
+    path = Path(path)
+    hf.save_pretrained(path)
+    build_tiny_tokenizer(path)
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+        config = json.loads((path / name).read_text())
+        config.update(patch_size=hf.config.vision_config.patch_size, min_pixels=64,
+                      size={"shortest_edge": 64, "longest_edge": config["max_pixels"]})
+        (path / name).write_text(json.dumps(config))
+    return str(path)

@@ -9,8 +9,6 @@ and a wrong weight, position or mask lands far outside.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import torch
 
@@ -85,17 +83,13 @@ def video_prompt(config, tokenizer, seed: int = 0, fps: float = 2.0):
 
 
 def trainer_inputs(config, prompt, response_ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What the trainer feeds for prompt + response: ids ``[1, L]``, M-RoPE positions ``[3, 1, L]`` and labels
-    ``[1, L]`` (each response token at the position before it, -100 elsewhere)."""
-    from megatron_tr1.models.qwen2_5_vl import get_rope_index
+    """What the trainer feeds for prompt + response, built by the trainer's own ``rl.prompts.model_batch``: ids
+    ``[1, L]``, M-RoPE positions ``[3, 1, L]`` and labels ``[1, L]`` (-100 where nothing is predicted)."""
+    from megatron_tr1.rl.batching import TokenSequence
+    from megatron_tr1.rl.prompts import model_batch
 
-    ids = torch.tensor([prompt.input_ids + list(response_ids)])
-    positions = get_rope_index(config, ids, video_grid_thw=prompt.video.video_grid_thw,
-                               second_per_grid_ts=torch.tensor([prompt.video.second_per_grid_ts]))
-    labels = torch.full_like(ids, -100)
-    start = len(prompt.input_ids)
-    labels[0, start - 1:-1] = ids[0, start:]
-    return ids, positions, labels
+    batch = model_batch([TokenSequence(list(prompt.input_ids), list(response_ids))], [prompt], config)
+    return batch["input_ids"], batch["position_ids"], batch["labels"]
 
 
 def trainer_logprobs(model, config, prompt, response_ids, temperature: float, backend: Backend) -> torch.Tensor:
@@ -128,22 +122,6 @@ def bf16_twin(hf, device):
 
 def bf16_tolerance(reference_error: float, floor: float) -> float:
     return BF16_FACTOR * reference_error + floor
-
-
-def write_model_dir(hf, path: Path) -> str:
-    """An HF model folder of ``hf`` for vLLM: weights, config, the tiny tokenizer, processor configs for the tiny
-    model's patches with pixel bounds that leave ``random_frames`` unresized."""
-    from megatron_tr1.demo import build_tiny_tokenizer
-
-    path = Path(path)
-    hf.save_pretrained(path)
-    build_tiny_tokenizer(path)
-    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
-        config = json.loads((path / name).read_text())
-        config.update(patch_size=hf.config.vision_config.patch_size, min_pixels=64,
-                      size={"shortest_edge": 64, "longest_edge": config["max_pixels"]})
-        (path / name).write_text(json.dumps(config))
-    return str(path)
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:

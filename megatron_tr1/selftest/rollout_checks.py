@@ -85,7 +85,7 @@ def hf_engine_after_sync(dtype: str = "fp32") -> Measured:
 
 
 def vllm_engine() -> Measured:
-    from megatron_tr1.demo import tiny_hf_model
+    from megatron_tr1.demo import tiny_hf_model, write_tiny_model_dir
     from megatron_tr1.rollout.engine import Sampling
     from megatron_tr1.rollout.factory import make_engine
     from megatron_tr1.rollout.weight_sync import sync_weights
@@ -94,7 +94,7 @@ def vllm_engine() -> Measured:
     hf, tokenizer, model, prompt = _setup(backend)
     greedy = Sampling(temperature=0, max_tokens=6)
     with tempfile.TemporaryDirectory(prefix="tr1-selftest-vllm-") as tmp:
-        model_dir = common.write_model_dir(tiny_hf_model(1), tmp)  # other weights than the trainer's
+        model_dir = write_tiny_model_dir(tiny_hf_model(1), tmp)  # other weights than the trainer's
         torch.cuda.empty_cache()
         engine = make_engine("vllm", hf.config, tokenizer, backend, model_dir=model_dir, max_model_len=1024,
                              gpu_memory_utilization=0.25, enforce_eager=True)

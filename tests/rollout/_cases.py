@@ -5,7 +5,6 @@
 both ranks recompute its log-probs with the Megatron RL forward (``get_rope_index`` positions of prompt +
 response, as the trainer does).
 """
-import json
 
 import torch
 import torch.distributed as dist
@@ -48,18 +47,10 @@ def stop_case(engine, hf, tokenizer, push):
 
 
 def write_model_dir(hf, path) -> str:
-    """An HF model directory of ``hf`` for vLLM: weights, config, tiny tokenizer and processor configs (the
-    tiny model's 4-pixel patches; pixel bounds that leave the tiny frames unresized)."""
-    from megatron_tr1.demo import build_tiny_tokenizer
+    """An HF model directory of ``hf`` for vLLM (``demo.write_tiny_model_dir``)."""
+    from megatron_tr1.demo import write_tiny_model_dir
 
-    hf.save_pretrained(path)
-    build_tiny_tokenizer(path)
-    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
-        config = json.loads((path / name).read_text())
-        config.update(patch_size=hf.config.vision_config.patch_size, min_pixels=64,
-                      size={"shortest_edge": 64, "longest_edge": config["max_pixels"]})
-        (path / name).write_text(json.dumps(config))
-    return str(path)
+    return write_tiny_model_dir(hf, path)
 
 
 def full_sequence(config, prompt, response_ids):
