@@ -32,7 +32,7 @@ SCALED = {"7b": "qwen2.5-vl-7b", "72b": "qwen2.5-vl-72b"}  # recipes whose layou
 # what the layout needs; every training setting stays the 3B one.
 MAY_DIFFER = {"run_dir", "model.hf_dir", "model.tensor_parallel", "model.pipeline_parallel", "model.recompute",
               "optim.micro_batch_size", "optim.max_tokens_per_micro_batch", "rollout.gpu_memory_utilization",
-              "checkpoint.every"}
+              "checkpoint.every", "rollout.tensor_parallel"}
 
 
 def recipe_nodes(yaml_path: Path) -> int | None:

@@ -1,6 +1,10 @@
 """The memory planner: parameter counts against real transformers modules, memory formulas against hand-computed
-values, layout enumeration, config.json loading, bad input, and the ``tr1 plan`` output."""
+values, layout enumeration, the rollout engine's memory per rollout TP (by hand, the trainer's TP rules, the recipes),
+config.json loading, bad input, and the ``tr1 plan`` output."""
+import dataclasses
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,10 +12,15 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from megatron_tr1.cli import main as tr1
 from megatron_tr1.errors import ConfigError
-from megatron_tr1.plan.layouts import Layout, enumerate_layouts, rank_key, recommend
-from megatron_tr1.plan.memory import GiB, Workload, stage_breakdowns
+from megatron_tr1.models.qwen2_5_vl.size import Dims
+from megatron_tr1.plan.layouts import Layout, enumerate_layouts, model_blockers, rank_key, recommend
+from megatron_tr1.plan.memory import GiB, Workload, max_vllm_share, stage_breakdowns
 from megatron_tr1.plan.models import BUILTIN, ModelSpec, TextSpec, VisionSpec, load_model
 from megatron_tr1.plan.params import stage_params, total_params
+from megatron_tr1.plan.rollout import engine_params, pick_rollout, rollout_estimate, rollout_options
+from megatron_tr1.rl.config import load_train_config
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 # (text_config, vision_config, tie_word_embeddings): tied GQA, untied MHA, untied MQA with odd vision shapes.
 TINY = {
@@ -181,7 +190,11 @@ def test_cli_prints_table_params_and_recommendation(capsys):
     out = capsys.readouterr().out
     assert "params=3754622976\n" in out
     assert "excluded TP=4" in out and "peak sleep" in out
-    assert "recommended: TP=2 PP=1 DP=4" in out
+    assert "excluded rollout TP=4: num_key_value_heads 2 is not divisible by 4" in out
+    assert "rollout TP (GiB/GPU)" in out and "seqs/replica" in out
+    # 3B rollout TP 1: 8 replicas x 2 prompts x n=8; 7.0 GiB weights + 3.4 KV + 2.0 overhead = 12.4 of 40
+    assert ("recommended: TP=2 PP=1 DP=4 (peak 59.2 GiB of 72.0 GiB usable), rollout TP=1: 8 replicas x 16 "
+            "sequences, 12.4 GiB of the 40.0 GiB vLLM share\n") in out
 
 
 def test_cli_reads_an_hf_dir(tmp_path, capsys):
@@ -200,6 +213,22 @@ def test_cli_reads_an_hf_dir(tmp_path, capsys):
     (["--model", "qwen2.5-vl-3b", "--seq-len", "0"], "--seq-len 0: must be at least 1"),
     (["--model", "qwen2.5-vl-3b", "--seq-len", "100"], "--visual-tokens 2048: must be between 0 and --seq-len 100"),
     (["--model", "qwen2.5-vl-3b", "--gpu-mem", "-1"], "--gpu-mem -1.0: must be a positive number of GiB"),
+    (["--model", "qwen2.5-vl-7b", "--nodes", "1", "--rollout-tp", "3"],
+     "--rollout-tp 3 (rollout.tensor_parallel) does not divide the world size 8"),
+    (["--model", "qwen2.5-vl-7b", "--nodes", "1", "--rollout-tp", "8"],
+     ("--rollout-tp 8 (rollout.tensor_parallel) cannot shard qwen2.5-vl-7b: num_attention_heads 28 is not divisible "
+      "by 8; num_key_value_heads 4 is not divisible by 8; vision intermediate_size 3420 is not divisible by 8")),
+    (["--model", "qwen2.5-vl-3b", "--rollout-tp", "4"],
+     "--rollout-tp 4 (rollout.tensor_parallel) cannot shard qwen2.5-vl-3b: num_key_value_heads 2 is not divisible"),
+    (["--model", "qwen2.5-vl-72b", "--nodes", "4", "--rollout-tp", "8"],
+     ("--rollout-tp 8 (rollout.tensor_parallel) cannot shard qwen2.5-vl-72b: vision intermediate_size 3420 is not "
+      "divisible by 8")),
+    (["--model", "qwen2.5-vl-3b", "--rollout-tp", "0"], "--rollout-tp 0: must be at least 1"),
+    (["--model", "qwen2.5-vl-3b", "--rollout-prompts", "0"], "--rollout-prompts 0: must be at least 1"),
+    (["--model", "qwen2.5-vl-3b", "--rollout-n", "0"], "--rollout-n 0: must be at least 1"),
+    (["--model", "qwen2.5-vl-3b", "--rollout-batch", "0"], "--rollout-batch 0: must be at least 1"),
+    (["--model", "qwen2.5-vl-3b", "--rollout-overhead", "-1"],
+     "--rollout-overhead -1.0: must be a non-negative number of GiB"),
 ])
 def test_bad_input_is_one_line_naming_field_and_value(argv, message, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
@@ -221,3 +250,151 @@ def test_bad_config_json_names_the_file_and_field(tmp_path, cfg, message):
     with pytest.raises(ConfigError, match=str(tmp_path)) as e:
         load_model(str(tmp_path))
     assert message in str(e.value)
+
+
+# ---------------------------------------------------------------- the rollout engine (plan/rollout.py)
+
+# SMALL's engine: sharded = vision 212 + embedding 128 + 2 layers x 496 + LM head 128 = 1460;
+# replicated = vision 44 + 2 layers x 16 + final norm 8 = 84 (1544 in all, the model)
+ENGINE_SHARDED, ENGINE_REP = VISION + EMB + 2 * LAYER + EMB, VISION_REP + 2 * LAYER_REP + NORM
+
+
+def test_rollout_estimate_by_hand():
+    assert (engine_params(SMALL).sharded, engine_params(SMALL).replicated) == (ENGINE_SHARDED, ENGINE_REP) == (1460, 84)
+    w = Workload(seq_len=10, gpu_mem_gib=1.0, vllm_fraction=0.5, rollout_prompts=3, rollout_n=2,
+                 rollout_overhead_gib=0.25)
+    r = rollout_estimate(SMALL, w, tp=2, world=4)
+    # 2 replicas; each generates ceil(3 / 2) = 2 prompts x n=2 = 4 sequences
+    assert (r.tp, r.replicas, r.prompts, r.seqs) == (2, 2, 2, 4)
+    assert r.weights == 2 * (ENGINE_SHARDED // 2 + ENGINE_REP) == 1628  # bf16, the whole model / TP
+    # KV per token and GPU: 2 layers x (K, V) x 2 kv heads / TP 2 x head_dim 2 x 2 bytes = 16 bytes
+    assert r.kv == 4 * 10 * (2 * 2 * 1 * 2 * 2) == 640
+    assert (r.overhead, r.share) == (GiB / 4, GiB / 2)
+    assert r.need == 1628 + 640 + GiB / 4 and r.fits
+    one = rollout_estimate(SMALL, w, tp=1, world=4)  # 4 replicas: 1 prompt x 2 = 2 sequences each, 32 bytes/token
+    assert (one.replicas, one.seqs, one.weights, one.kv) == (4, 2, 2 * 1544, 2 * 10 * 32)
+    fixed = rollout_estimate(SMALL, dataclasses.replace(w, rollout_batch=5), tp=2, world=4)  # --rollout-batch 5
+    assert (fixed.prompts, fixed.seqs, fixed.kv) == (None, 5, 5 * 10 * 16)
+    tight = dataclasses.replace(w, rollout_overhead_gib=0.5)  # 0.5 GiB overhead + weights + KV > 0.5 GiB share
+    assert not rollout_estimate(SMALL, tight, tp=2, world=4).fits
+    assert pick_rollout(rollout_options(SMALL, tight, world=4)[0]) is None
+
+
+def test_engine_holds_the_whole_model():
+    for spec in BUILTIN.values():
+        assert engine_params(spec).total == total_params(spec)
+
+
+@pytest.mark.parametrize("name", list(BUILTIN))
+def test_rollout_tp_rules_are_the_trainers(name):
+    """The planner rules out exactly the rollout TP sizes the trainer's Dims.validate refuses (rl/trainer.py)."""
+    spec = BUILTIN[name]
+    t, v = spec.text, spec.vision
+    dims = Dims.from_hf_config(hf_config(
+        dict(hidden_size=t.hidden, num_hidden_layers=t.layers, num_attention_heads=t.heads,
+             num_key_value_heads=t.kv_heads, intermediate_size=t.ffn, vocab_size=t.vocab),
+        dict(depth=v.depth, hidden_size=v.hidden, num_heads=v.heads, intermediate_size=v.ffn), t.tied))
+    for tp in (1, 2, 3, 4, 5, 6, 7, 8, 16):
+        try:
+            dims.validate(tp, 1, "rollout.tensor_parallel={}", "")
+            refused = False
+        except ConfigError:
+            refused = True
+        assert refused == bool(model_blockers(spec, tp)), (name, tp)
+
+
+def test_rollout_tp_must_divide_kv_heads_vocab_and_world():
+    w = Workload()
+    options, excluded = rollout_options(BUILTIN["qwen2.5-vl-72b"], w, world=32)
+    assert [r.tp for r in options] == [1, 2, 4]  # 64 heads, 8 KV heads, vocab 152064, 16 vision heads ...
+    assert excluded == {8: ["vision intermediate_size 3420 is not divisible by 8"],  # ... but vision FFN 3420
+                        16: ["num_key_value_heads 8 is not divisible by 16",
+                             "vision intermediate_size 3420 is not divisible by 16"],
+                        32: ["num_key_value_heads 8 is not divisible by 32",
+                             "vision num_heads 16 is not divisible by 32",
+                             "vision intermediate_size 3420 is not divisible by 32"]}
+    odd_vocab = dataclasses.replace(SMALL, text=dataclasses.replace(SMALL.text, vocab=15))
+    with pytest.raises(ConfigError, match=r"--rollout-tp 2 \(rollout.tensor_parallel\) cannot shard small: "
+                                          r"vocab_size 15 is not divisible by 2"):
+        rollout_options(odd_vocab, w, world=4, tp=2)
+    with pytest.raises(ConfigError, match=r"--rollout-tp 4 \(rollout.tensor_parallel\) does not divide the world "
+                                          r"size 6"):
+        rollout_options(SMALL, w, world=6, tp=4)
+
+
+def test_recommend_needs_a_fitting_rollout():
+    spec = BUILTIN["qwen2.5-vl-3b"]
+    w = Workload()
+    layouts, _ = enumerate_layouts(spec, gpus_per_node=8, nodes=1)
+    rows = [(l, stage_breakdowns(spec, w, l.tp, l.pp, l.dp)) for l in layouts]
+    assert recommend(rows, w.usable_bytes, rollout_fits=lambda l: True) == recommend(rows, w.usable_bytes)
+    assert recommend(rows, w.usable_bytes, rollout_fits=lambda l: False) is None
+    # with sleep mode vLLM sits beside the resident model states: TP 2's states are 19.2 GiB of 72 usable
+    stages = dict(rows)[Layout(2, 1, 4)]
+    assert max_vllm_share(stages) == pytest.approx(72 * GiB - stages[0].states)
+    assert max_vllm_share(stages) / GiB == pytest.approx(52.8, abs=0.05)
+
+
+def _plan(capsys, *argv) -> str:
+    assert tr1(["plan", "--gpus-per-node", "8", "--gpu-mem", "80", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def test_72b_rollout_on_4_nodes_is_refused_with_the_numbers(capsys):
+    """72B on 4 x 8 x 80 GB (the recipe's cluster): rollout TP 8 is ruled out by the vision FFN, TP 4 needs 34.2 GiB of
+    weights alone, more than any layout leaves beside training (at most 22.0 GiB), so nothing is recommended."""
+    out = _plan(capsys, "--model", "qwen2.5-vl-72b", "--nodes", "4", "--recompute", "--vllm-mem-fraction", "0.25")
+    assert ("rollout: refused: no rollout TP fits the vLLM share of 20.0 GiB per GPU (--vllm-mem-fraction 0.25 x 80 "
+            "GiB): TP=1 needs 153.7 GiB (136.7 weights + 15.0 KV for 8 sequences + 2.0 overhead), TP=2 needs 77.9 GiB "
+            "(68.4 weights + 7.5 KV for 8 sequences + 2.0 overhead), TP=4 needs 43.7 GiB (34.2 weights + 7.5 KV for "
+            "16 sequences + 2.0 overhead); ruled out: TP=8 (vision intermediate_size 3420 is not divisible by 8)"
+            ) in out
+    assert "training alone: recommended: TP=4 PP=8 DP=1 (peak 70.0 GiB of 72.0 GiB usable)\n" in out
+    assert "recommended: none; the rollout engine fits beside no layout" in out
+    assert "the roomiest layout leaves 22.0 GiB beside training" in out
+    # rollout TP 1 (a whole 147 GB bf16 engine per GPU) is refused by itself
+    out = _plan(capsys, "--model", "qwen2.5-vl-72b", "--nodes", "4", "--recompute", "--vllm-mem-fraction", "0.25",
+                "--rollout-tp", "1")
+    assert ("rollout: refused: rollout TP=1 does not fit the vLLM share of 20.0 GiB per GPU (--vllm-mem-fraction 0.25 "
+            "x 80 GiB): TP=1 needs 153.7 GiB (136.7 weights + 15.0 KV for 8 sequences + 2.0 overhead)") in out
+    assert "recommended: none" in out
+
+
+def test_72b_rollout_fits_on_8_nodes_at_rollout_tp_4(capsys):
+    out = _plan(capsys, "--model", "qwen2.5-vl-72b", "--nodes", "8", "--recompute", "--vllm-mem-fraction", "0.25")
+    assert ("hint: --vllm-mem-fraction 0.50 gives TP=4 PP=16 DP=1 with rollout TP=4 (39.9 GiB of 40.0; that layout "
+            "leaves at most 42.5 GiB for vLLM)") in out
+    out = _plan(capsys, "--model", "qwen2.5-vl-72b", "--nodes", "8", "--recompute")
+    assert ("recommended: TP=4 PP=16 DP=1 (peak 69.5 GiB of 72.0 GiB usable), rollout TP=4: 16 replicas x 8 "
+            "sequences, 39.9 GiB of the 40.0 GiB vLLM share") in out
+
+
+def _recipe(size: str):
+    path = EXAMPLES / f"qwen2_5_vl_{size}_charades.yaml"
+    cfg = load_train_config(path)
+    nodes = int(re.search(r"^NODES=\$\{NODES:-(\d+)\}", path.with_suffix(".sh").read_text(), re.M).group(1))
+    seq = cfg.data.max_prompt_tokens + cfg.rollout.max_tokens
+    w = Workload(seq_len=seq, recompute=cfg.model.recompute == "full", gpu_mem_gib=80.0,
+                 vllm_fraction=cfg.rollout.gpu_memory_utilization, rollout_prompts=cfg.rollout.prompts_per_step,
+                 rollout_n=cfg.rollout.n)
+    return cfg, nodes * 8, w
+
+
+@pytest.mark.parametrize("size, model", [("3b", "qwen2.5-vl-3b"), ("7b", "qwen2.5-vl-7b")])
+def test_3b_7b_recipes_roll_out_at_the_planners_rollout_tp_on_every_gpu(size, model):
+    cfg, world, w = _recipe(size)
+    rollout_tp = cfg.rollout.tensor_parallel or cfg.model.tensor_parallel
+    pick = pick_rollout(rollout_options(BUILTIN[model], w, world)[0])
+    assert pick is not None and pick.tp == rollout_tp == 1  # the smallest rollout TP that fits: most replicas
+    assert pick.replicas * pick.tp == world == 8  # every GPU hosts a rollout worker
+    assert pick.seqs == 16 and pick.need <= pick.share  # 16 prompts x n=8 over 8 replicas
+
+
+def test_72b_recipe_has_no_fitting_rollout_on_its_4_nodes():
+    cfg, world, w = _recipe("72b")
+    assert world == 32
+    options, _ = rollout_options(BUILTIN["qwen2.5-vl-72b"], w, world)
+    assert pick_rollout(options) is None
+    at = rollout_estimate(BUILTIN["qwen2.5-vl-72b"], w, cfg.rollout.tensor_parallel or cfg.model.tensor_parallel,
+                          world)
+    assert (at.tp, round(at.need / GiB, 1), at.share / GiB) == (4, 43.7, 20.0)

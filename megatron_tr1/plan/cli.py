@@ -1,17 +1,20 @@
-"""``tr1 plan``: per-GPU memory of each candidate TP x PP x DP layout, and a recommended one."""
+"""``tr1 plan``: per-GPU memory of each candidate TP x PP x DP layout and of the colocated rollout engine at each
+rollout TP, and a recommended layout with the smallest rollout TP that fits."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from rich.console import Console
 from rich.table import Table
 
 from megatron_tr1.errors import ConfigError
-from megatron_tr1.plan.layouts import enumerate_layouts, recommend
-from megatron_tr1.plan.memory import GiB, Workload, layout_peak, stage_breakdowns
+from megatron_tr1.plan.layouts import Layout, enumerate_layouts, rank_key, recommend
+from megatron_tr1.plan.memory import Breakdown, GiB, Workload, layout_peak, max_vllm_share, stage_breakdowns
 from megatron_tr1.plan.models import BUILTIN, ModelSpec, load_model
 from megatron_tr1.plan.params import total_params, vision_tower
+from megatron_tr1.plan.rollout import RolloutEstimate, pick_rollout, rollout_estimate, rollout_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,13 +37,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of each GPU kept free for CUDA context, NCCL, fragmentation (default 0.1)")
     p.add_argument("--tp", type=int, help="only consider this tensor-parallel size")
     p.add_argument("--pp", type=int, help="only consider this pipeline-parallel size")
+    p.add_argument("--rollout-tp", type=int,
+                   help="check only this rollout.tensor_parallel (vLLM ranks per replica; default: the smallest that "
+                        "fits; the table also shows each layout's own TP, rollout.tensor_parallel: null)")
+    p.add_argument("--rollout-prompts", type=int, default=16,
+                   help="prompts per step, rollout.prompts_per_step (default 16); each replica gets its slice")
+    p.add_argument("--rollout-n", type=int, default=8, help="responses per prompt, rollout.n (default 8)")
+    p.add_argument("--rollout-batch", type=int,
+                   help="sequences in flight per rollout replica (default: ceil(--rollout-prompts / replicas) x "
+                        "--rollout-n, the step's share)")
+    p.add_argument("--rollout-overhead", type=float, default=2.0,
+                   help="GiB per GPU vLLM uses besides weights and KV cache: activations, CUDA graphs, sampler "
+                        "(default 2, an assumption)")
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
     """Validate the numeric flags; each bad value names its flag."""
-    for flag, value in (("--seq-len", args.seq_len), ("--micro-batch", args.micro_batch)):
+    for flag, value in (("--seq-len", args.seq_len), ("--micro-batch", args.micro_batch),
+                        ("--rollout-prompts", args.rollout_prompts), ("--rollout-n", args.rollout_n),
+                        ("--rollout-batch", 1 if args.rollout_batch is None else args.rollout_batch)):
         if value < 1:
             raise ConfigError(f"{flag} {value}: must be at least 1")
+    if not args.rollout_overhead >= 0:
+        raise ConfigError(f"--rollout-overhead {args.rollout_overhead}: must be a non-negative number of GiB")
     if not 0 <= args.visual_tokens <= args.seq_len:
         raise ConfigError(f"--visual-tokens {args.visual_tokens}: must be between 0 and --seq-len {args.seq_len}")
     if not args.gpu_mem > 0:
@@ -51,7 +70,8 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
     return Workload(seq_len=args.seq_len, micro_batch=args.micro_batch, visual_tokens=args.visual_tokens,
                     recompute=args.recompute, fused_logits=not args.unfused_logits,
                     vllm_fraction=args.vllm_mem_fraction, vllm_sleep=args.vllm_sleep, gpu_mem_gib=args.gpu_mem,
-                    headroom=args.headroom)
+                    headroom=args.headroom, rollout_prompts=args.rollout_prompts, rollout_n=args.rollout_n,
+                    rollout_batch=args.rollout_batch, rollout_overhead_gib=args.rollout_overhead)
 
 
 def describe(spec: ModelSpec) -> str:
@@ -65,8 +85,13 @@ def main(args: argparse.Namespace) -> int:
     spec = load_model(args.model)
     w = workload_from_args(args)
     layouts, excluded = enumerate_layouts(spec, args.gpus_per_node, args.nodes, args.tp, args.pp)
+    world = args.gpus_per_node * args.nodes
+    rollouts, rollout_excluded = rollout_options(spec, w, world, args.rollout_tp)
+    pick = pick_rollout(rollouts)
+    own_tp = {layout.tp: rollout_estimate(spec, w, layout.tp, world) for layout in layouts}
     rows = [(layout, stage_breakdowns(spec, w, layout.tp, layout.pp, layout.dp)) for layout in layouts]
-    best = recommend(rows, w.usable_bytes)
+    train_best = recommend(rows, w.usable_bytes)
+    best = recommend(rows, w.usable_bytes, rollout_fits=lambda layout: pick is not None)
 
     n, n_vision = total_params(spec), vision_tower(spec.vision).total
     print(describe(spec))
@@ -77,43 +102,117 @@ def main(args: argparse.Namespace) -> int:
           f"{w.seq_len} tokens ({w.visual_tokens} visual); recompute {'on' if w.recompute else 'off'}; "
           f"{'fused' if w.fused_logits else 'unfused'} log-probs; vLLM {w.vllm_fraction:.2f} of the GPU, "
           f"sleep mode {'on' if w.vllm_sleep else 'off'}")
+    step = (f"{w.rollout_batch} sequences per replica" if w.rollout_batch is not None else
+            f"step of {w.rollout_prompts} prompts x n={w.rollout_n} over world / rollout TP replicas")
+    print(f"rollout: vLLM on every rank, share {w.vllm_share_bytes / GiB:.1f} GiB per GPU (--vllm-mem-fraction "
+          f"{w.vllm_fraction:g} x {w.gpu_mem_gib:g} GiB); {step}, {w.seq_len} tokens each; "
+          f"overhead {w.rollout_overhead_gib:g} GiB")
     for tp, reasons in excluded.items():
         print(f"excluded TP={tp}: {'; '.join(reasons)}")
-    _console().print(_table(rows, best, w))
-    if best is None:
+    for tp, reasons in rollout_excluded.items():
+        print(f"excluded rollout TP={tp}: {'; '.join(reasons)}")
+    console = _console()
+    console.print(_rollout_table(rollouts, pick))
+    console.print(_table(rows, best, w, pick, own_tp))
+    if pick is None:
+        print(_rollout_refusal(rollouts, rollout_excluded, w))
+    if best is not None:
+        peak = layout_peak(dict(rows)[best])
+        print(f"recommended: TP={best.tp} PP={best.pp} DP={best.dp} "
+              f"(peak {peak / GiB:.1f} GiB of {w.usable_bytes / GiB:.1f} GiB usable), rollout TP={pick.tp}: "
+              f"{pick.replicas} replicas x {pick.seqs} sequences, {pick.need / GiB:.1f} GiB of the "
+              f"{pick.share / GiB:.1f} GiB vLLM share")
+    elif train_best is None:
         print(f"recommended: none; no layout fits in {w.usable_bytes / GiB:.1f} GiB per GPU: try --recompute, "
               "more --nodes, or a smaller --vllm-mem-fraction")
     else:
-        peak = layout_peak(dict(rows)[best])
-        print(f"recommended: TP={best.tp} PP={best.pp} DP={best.dp} "
+        peak = layout_peak(dict(rows)[train_best])
+        print(f"training alone: recommended: TP={train_best.tp} PP={train_best.pp} DP={train_best.dp} "
               f"(peak {peak / GiB:.1f} GiB of {w.usable_bytes / GiB:.1f} GiB usable)")
+        print("recommended: none; the rollout engine fits beside no layout (rollout: refused, above)")
+        print(_share_hint(rows, rollouts, w))
     return 0
+
+
+def _rollout_refusal(rollouts: list[RolloutEstimate], excluded: dict[int, list[str]], w: Workload) -> str:
+    which = "no rollout TP fits" if len(rollouts) > 1 or excluded else f"rollout TP={rollouts[0].tp} does not fit"
+    text = (f"rollout: refused: {which} the vLLM share of {w.vllm_share_bytes / GiB:.1f} GiB per GPU "
+            f"(--vllm-mem-fraction {w.vllm_fraction:g} x {w.gpu_mem_gib:g} GiB): "
+            + ", ".join(r.describe() for r in rollouts))
+    if excluded:
+        text += "; ruled out: " + ", ".join(f"TP={t} ({reasons[0]})" for t, reasons in excluded.items())
+    return text
+
+
+def _share_hint(rows: list[tuple[Layout, list[Breakdown]]], rollouts: list[RolloutEstimate], w: Workload) -> str:
+    """The best layout whose training leaves room for some rollout TP, and the --vllm-mem-fraction that gives it."""
+    gpu = w.gpu_mem_gib * GiB
+    for layout, stages in sorted(rows, key=lambda row: rank_key(row[0])):
+        room = max_vllm_share(stages)
+        for r in sorted(rollouts, key=lambda r: r.tp):
+            fraction = math.ceil(r.need / gpu * 100) / 100
+            if fraction * gpu <= room and fraction < 1:
+                return (f"hint: --vllm-mem-fraction {fraction:.2f} gives TP={layout.tp} PP={layout.pp} "
+                        f"DP={layout.dp} with rollout TP={r.tp} ({r.need / GiB:.1f} GiB of "
+                        f"{fraction * gpu / GiB:.1f}; that layout leaves at most {room / GiB:.1f} GiB for vLLM)")
+    smallest = min(rollouts, key=lambda r: r.need)
+    rooms = [max_vllm_share(stages) for _, stages in rows]
+    return (f"hint: no --vllm-mem-fraction helps: the smallest rollout need is {smallest.need / GiB:.1f} GiB "
+            f"(rollout TP={smallest.tp}) and the roomiest layout leaves {max(rooms) / GiB:.1f} GiB beside training; "
+            f"try {'another --rollout-tp, ' if len(rollouts) == 1 else ''}more --nodes, a shorter --seq-len, "
+            f"fewer --rollout-prompts or --rollout-batch")
 
 
 def _console() -> Console:
     # A file or pipe gets a fixed width wide enough for every column; a terminal keeps its own width.
-    return Console(width=None if sys.stdout.isatty() else 170)
+    return Console(width=None if sys.stdout.isatty() else 200)
 
 
-def _table(rows, best, w: Workload) -> Table:
+def _gib_tp(r: RolloutEstimate) -> str:
+    return f"{r.tp} ({r.need / GiB:.1f})" + ("" if r.fits else " no")
+
+
+def _rollout_table(rollouts: list[RolloutEstimate], pick: RolloutEstimate | None) -> Table:
+    table = Table(title="rollout engine (vLLM) per GPU in GiB at each rollout TP; every rank hosts one worker",
+                  caption="need = weights (bf16, whole model / TP) + KV (bf16, sequences x tokens) + overhead; "
+                          "fits: need <= share")
+    for name in ("rollout TP", "replicas", "prompts/replica", "seqs/replica", "weights", "KV", "overhead", "need",
+                 "share", "fits"):
+        table.add_column(name, justify="right")
+    for r in sorted(rollouts, key=lambda r: r.tp):
+        label = "best" if r == pick else ("yes" if r.fits else "no")
+        style = "bold green" if r == pick else (None if r.fits else "dim")
+        table.add_row(str(r.tp), str(r.replicas), "-" if r.prompts is None else str(r.prompts), str(r.seqs),
+                      *(f"{x / GiB:.1f}" for x in (r.weights, r.kv, r.overhead, r.need, r.share)), label,
+                      style=style)
+    return table
+
+
+def _table(rows, best, w: Workload, pick: RolloutEstimate | None = None,
+           own_tp: dict[int, RolloutEstimate] | None = None) -> Table:
     act = "act rc" if w.recompute else "act"
     logits = "logits" if w.fused_logits else "logits unf"
     peak = "peak sleep" if w.vllm_sleep else "peak awake"
     table = Table(title="per-GPU memory in GiB: first and last pipeline stage (middle stages hold less)", caption=(
         f"train = weights + grads + optim + ref + {act} + {logits}; peak awake = train + vLLM; "
-        f"peak sleep = max(train, weights + grads + optim + ref + vLLM); fits: {peak} <= usable on every stage"))
+        f"peak sleep = max(train, weights + grads + optim + ref + vLLM); rollout TP (GiB/GPU): the smallest "
+        f"rollout TP whose vLLM need fits the share; at TP: rollout.tensor_parallel = the layout's TP (null); "
+        f"fits: {peak} <= usable on every stage and a rollout TP fits"))
     for name in ("TP", "PP", "DP", "stage", "weights", "grads", "optim", "ref", "act", "act rc", "logits",
-                 "logits unf", "vLLM", "peak awake", "peak sleep", "fits"):
+                 "logits unf", "vLLM", "peak awake", "peak sleep", "rollout TP (GiB/GPU)", "at TP", "fits"):
         table.add_column(name, justify="right", header_style="bold" if name in (act, logits, peak) else None)
     for layout, stages in rows:
-        fits = layout_peak(stages) <= w.usable_bytes
-        label = "best" if layout == best else ("yes" if fits else "no")
+        train_fits = layout_peak(stages) <= w.usable_bytes
+        fits = train_fits and pick is not None
+        label = "best" if layout == best else ("yes" if fits else ("no: rollout" if train_fits else "no"))
         style = "bold green" if layout == best else (None if fits else "dim")
         shown = stages if len(stages) == 1 else [stages[0], stages[-1]]
+        rollout = ["none" if pick is None else _gib_tp(pick),
+                   "" if own_tp is None else _gib_tp(own_tp[layout.tp])]
         for i, b in enumerate(shown):
             gib = [f"{x / GiB:.1f}" for x in (b.weights, b.grads, b.optimizer, b.ref, b.act, b.act_recompute,
                                               b.logits_fused, b.logits_unfused, b.vllm, b.peak_awake, b.peak_sleep)]
             head = [str(layout.tp), str(layout.pp), str(layout.dp)] if i == 0 else ["", "", ""]
-            table.add_row(*head, str(b.stage), *gib, label if i == 0 else "", style=style,
-                          end_section=i == len(shown) - 1)
+            table.add_row(*head, str(b.stage), *gib, *(rollout if i == 0 else ["", ""]), label if i == 0 else "",
+                          style=style, end_section=i == len(shown) - 1)
     return table

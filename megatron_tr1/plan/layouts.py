@@ -1,12 +1,15 @@
 """Candidate TP x PP x DP layouts for a cluster, and the recommended one.
 
-TP must divide the attention heads, the query groups, the vocabulary, the vision heads and both FFN widths
-(megatron-core's column-parallel linears assert it; Qwen2.5-VL's vision FFN of 3420 = 4 * 855 rules out TP 8),
+TP must divide the attention heads, the query groups, the vocabulary, the vision heads, both FFN widths and the
+vision merger's width (megatron-core's column-parallel linears assert it; Qwen2.5-VL's vision FFN of 3420 = 4 * 855
+rules out TP 8),
 and ``--gpus-per-node`` so a TP group never leaves a node. PP must divide the decoder layers. TP * PP must divide
-the GPU count; DP is the rest.
+the GPU count; DP is the rest. A layout also needs a rollout TP whose vLLM engine fits its share
+(``plan/rollout.py``): ``recommend`` takes that answer as ``rollout_fits``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from megatron_tr1.errors import ConfigError
@@ -25,13 +28,19 @@ def divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def tp_blockers(spec: ModelSpec, tp: int, gpus_per_node: int) -> list[str]:
-    """Why ``tp`` cannot shard this model on these nodes; empty when it can."""
+def model_blockers(spec: ModelSpec, tp: int) -> list[str]:
+    """Why ``tp`` cannot shard this model (megatron's and the trainer's ``Dims.validate`` rules); empty when it can."""
     t, v = spec.text, spec.vision
     sizes = [("num_attention_heads", t.heads), ("num_key_value_heads", t.kv_heads), ("vocab_size", t.vocab),
              ("intermediate_size", t.ffn), ("vision num_heads", v.heads), ("vision intermediate_size", v.ffn),
-             ("--gpus-per-node", gpus_per_node)]
+             ("vision merger width", v.hidden * v.merge ** 2)]
     return [f"{name} {n} is not divisible by {tp}" for name, n in sizes if n % tp]
+
+
+def tp_blockers(spec: ModelSpec, tp: int, gpus_per_node: int) -> list[str]:
+    """Why ``tp`` cannot shard this model on these nodes; empty when it can."""
+    return model_blockers(spec, tp) + ([f"--gpus-per-node {gpus_per_node} is not divisible by {tp}"]
+                                       if gpus_per_node % tp else [])
 
 
 def enumerate_layouts(spec: ModelSpec, gpus_per_node: int, nodes: int, tp: int | None = None,
@@ -70,7 +79,10 @@ def rank_key(layout: Layout) -> tuple[int, int]:
     return layout.tp * layout.pp, -layout.tp
 
 
-def recommend(rows: list[tuple[Layout, list[Breakdown]]], usable_bytes: float) -> Layout | None:
-    """The best-ranked layout whose every stage fits in ``usable_bytes``; most DP follows from the smallest TP * PP."""
-    fitting = [layout for layout, stages in rows if layout_peak(stages) <= usable_bytes]
+def recommend(rows: list[tuple[Layout, list[Breakdown]]], usable_bytes: float,
+              rollout_fits: Callable[[Layout], bool] | None = None) -> Layout | None:
+    """The best-ranked layout whose every stage fits in ``usable_bytes`` (and, when ``rollout_fits`` is given, whose
+    rollout engine fits too); most DP follows from the smallest TP * PP."""
+    fitting = [layout for layout, stages in rows if layout_peak(stages) <= usable_bytes
+               and (rollout_fits is None or rollout_fits(layout))]
     return min(fitting, key=rank_key) if fitting else None

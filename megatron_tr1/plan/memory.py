@@ -28,7 +28,8 @@ statistics (log-prob, log-sum-exp, entropy), 3 * b*s * 3 * 4 bytes.
 
 vLLM (colocated): while awake it holds ``vllm_fraction`` of the GPU (its weights and KV cache). Without sleep mode
 that reservation stays through training: peak = train + vLLM. With sleep mode it is freed during training, but the
-model states stay resident while it generates: peak = max(train, states + vLLM).
+model states stay resident while it generates: peak = max(train, states + vLLM). Whether the engine's own weights
+and KV cache fit in that share at a rollout TP is ``plan/rollout.py``'s question.
 """
 from __future__ import annotations
 
@@ -57,10 +58,20 @@ class Workload:
     vllm_sleep: bool = True
     gpu_mem_gib: float = 80.0
     headroom: float = 0.1  # share of the GPU kept free for CUDA context, NCCL buffers, fragmentation
+    # the rollout side (plan/rollout.py): the step's prompts and samples, or sequences per replica when given
+    rollout_prompts: int = 16  # rollout.prompts_per_step
+    rollout_n: int = 8  # rollout.n
+    rollout_batch: int | None = None  # sequences in flight per replica; None: ceil(prompts / replicas) x n
+    rollout_overhead_gib: float = 2.0  # vLLM besides weights and KV (activations, CUDA graphs); assumed
 
     @property
     def usable_bytes(self) -> float:
         return self.gpu_mem_gib * GiB * (1.0 - self.headroom)
+
+    @property
+    def vllm_share_bytes(self) -> float:
+        """What a colocated vLLM engine may use while awake: ``rollout.gpu_memory_utilization`` x the GPU."""
+        return self.vllm_fraction * self.gpu_mem_gib * GiB
 
 
 @dataclass(frozen=True)
@@ -148,7 +159,7 @@ def stage_breakdowns(spec: ModelSpec, w: Workload, tp: int, pp: int, dp: int) ->
             act_recompute=activation_bytes(spec, w, tp, pp, stage, recompute=True),
             logits_fused=logits_bytes(tokens, spec.text.vocab, tp, fused=True) if last else 0.0,
             logits_unfused=logits_bytes(tokens, spec.text.vocab, tp, fused=False) if last else 0.0,
-            vllm=w.vllm_fraction * w.gpu_mem_gib * GiB,
+            vllm=w.vllm_share_bytes,
             workload=w,
         ))
     return out
@@ -157,3 +168,14 @@ def stage_breakdowns(spec: ModelSpec, w: Workload, tp: int, pp: int, dp: int) ->
 def layout_peak(stages: list[Breakdown]) -> float:
     """A layout fits when its fullest stage does."""
     return max(b.peak for b in stages)
+
+
+def max_vllm_share(stages: list[Breakdown]) -> float:
+    """The largest vLLM share (bytes) this layout leaves on its fullest stage: usable - model states with sleep
+    mode (the engine generates beside the resident states), usable - train without (it stays beside training);
+    0 when training alone does not fit."""
+    w = stages[0].workload
+    if max(b.train for b in stages) > w.usable_bytes:
+        return 0.0
+    beside = max(b.states if w.vllm_sleep else b.train for b in stages)
+    return max(0.0, w.usable_bytes - beside)
