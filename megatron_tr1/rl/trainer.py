@@ -155,12 +155,16 @@ class Trainer:
         kwargs, rollout_tp = {}, 1  # the HF engine: each rank one whole replica
         if cfg.rollout.engine == "vllm":
             rollout_tp = cfg.rollout.tensor_parallel or cfg.model.tensor_parallel
+            dims = Dims.from_hf_config(self.hf_config, source=str(hf_dir / "config.json"))
+            # vLLM splits heads, query groups and the vocabulary as megatron does; a vision tower the rollout TP
+            # does not divide (Qwen2.5-VL's FFN of 3420 at TP 8) runs data-parallel in vLLM: whole on each rank
+            dims.validate(rollout_tp, 1, "rollout.tensor_parallel={}", "", vision=False)
+            if vision_dp := bool(dims.vision_splits(rollout_tp)):
+                log.info("rollout.tensor_parallel=%d does not divide %s: vLLM runs the vision tower whole on every "
+                         "rank", rollout_tp, ", ".join(dims.vision_splits(rollout_tp)))
             kwargs.update(model_dir=str(hf_dir), load_format="dummy", seed=cfg.seed, tensor_parallel=rollout_tp,
-                          gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                          gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, vision_data_parallel=vision_dp,
                           max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_tokens)
-        if rollout_tp > 1:  # vLLM splits heads, query groups and the vocabulary as megatron does
-            Dims.from_hf_config(self.hf_config, source=str(hf_dir / "config.json")).validate(
-                rollout_tp, 1, "rollout.tensor_parallel={}", "")
         layout = ReplicaLayout.current(rollout_tp)
         self.engine = make_engine(cfg.rollout.engine, self.hf_config, self.tokenizer, self.backend, **kwargs)
         # one cache of decoded videos for training and evaluation

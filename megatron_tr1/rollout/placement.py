@@ -99,6 +99,10 @@ class RolloutPlacement:
     def tensor_parallel(self) -> int:
         return getattr(self.engine, "tensor_parallel", 1)
 
+    @property
+    def vision_data_parallel(self) -> bool:
+        return getattr(self.engine, "vision_data_parallel", False)
+
     def vocab_range(self) -> tuple[int, int]:
         return self.engine.vocab_range()
 

@@ -67,11 +67,14 @@ class VLLMEngine(RolloutEngine):
     (``rollout.placement``). vLLM builds its groups beside the trainer's (over the trainer's default group, which
     stays usable); each replica's ranks must then submit the same requests, and every replica must call
     ``generate`` the same number of times (vLLM steps them together). Each rank loads full HF tensors and keeps
-    its slice (vLLM 0.32's loaders take only full tensors). Alone (``W = 1``) vLLM runs in this process, as before.
+    its slice (vLLM 0.32's loaders take only full tensors). ``vision_data_parallel``: the vision tower is not split
+    (``mm_encoder_tp_mode="data"``), for a ``tensor_parallel`` that does not divide its sizes. Alone (``W = 1``) vLLM
+    runs in this process, as before.
     """
 
     def __init__(self, hf_config, tokenizer, model_dir: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                 max_model_len: int = 8192, cuda: bool | None = None, tensor_parallel: int = 1, **llm_kwargs):
+                 max_model_len: int = 8192, cuda: bool | None = None, tensor_parallel: int = 1,
+                 vision_data_parallel: bool = False, **llm_kwargs):
         import torch.distributed as dist
 
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # tensors are handed over in-process
@@ -79,6 +82,9 @@ class VLLMEngine(RolloutEngine):
         vllm = _import_vllm(cuda)
         self.config, self.tokenizer, self.dtype = hf_config, tokenizer, dtype
         self.tensor_parallel = tensor_parallel  # its ranks' shards: weight_sync.local_sync
+        self.vision_data_parallel = vision_data_parallel  # the vision tower whole on every rank
+        if vision_data_parallel:
+            llm_kwargs["mm_encoder_tp_mode"] = "data"
         self.stop_id = stop_token_id(tokenizer)
         self.on_gpu = cuda
         if not self.on_gpu:

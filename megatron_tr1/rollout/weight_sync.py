@@ -118,16 +118,16 @@ def _local_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def gathered_hf_tensors(model: torch.nn.Module, dims: mapping.Dims, dtype: torch.dtype = torch.float32,
                         bucket_bytes: int = DEFAULT_BUCKET_BYTES, stats: SyncStats | None = None,
-                        keep: bool = True, local_vocab: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                        keep: bool = True, gathered: frozenset | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """``(hf_name, full tensor in dtype)`` for the whole model, on every rank of the model-parallel group
     (collective), bucket by bucket as the module docstring says; ``stats`` counts what this rank buffered and
     the collectives it issued. The tensors are views of the current bucket: copy what must outlive the next
     ``next()``. ``keep=False`` (a rank without an engine) runs the collectives and yields nothing.
 
-    ``local_vocab`` not None (the engine is split like this TP group and PP = 1: ``local_sync``): each TP-split
+    ``gathered`` not None (the engine is split like this TP group and PP = 1: ``local_sync``): each TP-split
     parameter is fed from this rank's own shard alone, as a full-shaped HF tensor whose other ranks' parts are
-    left unset (the engine reads only its own part): no gather. The vocabulary-split ones too when
-    ``local_vocab`` (the engine's vocabulary shards are megatron's), else those are gathered."""
+    left unset (the engine reads only its own part): no gather; but the parameters named in ``gathered`` (the
+    engine holds them otherwise split, or whole) are gathered as usual."""
     stats = SyncStats() if stats is None else stats
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -141,13 +141,11 @@ def gathered_hf_tensors(model: torch.nn.Module, dims: mapping.Dims, dtype: torch
     pack = keep or pp_size > 1  # a lone TP rank without an engine only joins the all-gathers
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    vocab = {"language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight"}
-
     def gather(p: mapping.Param) -> dict[str, torch.Tensor]:
         shard = state[p.mcore].detach()
         if p.kind == mapping.REPLICATED or tp_size == 1:
             return mapping.merge(p, [shard] * tp_size)
-        if local_vocab is not None and (local_vocab or p.mcore not in vocab):
+        if gathered is not None and p.mcore not in gathered:
             stats.local += 1
             return mapping.merge(p, [shard if r == tp_rank else torch.empty_like(shard) for r in range(tp_size)])
         shards = [torch.empty_like(shard) for _ in range(tp_size)]
@@ -195,16 +193,24 @@ def gathered_hf_tensors(model: torch.nn.Module, dims: mapping.Dims, dtype: torch
             del last
 
 
-def local_sync(engine, tp_size: int, pp_size: int, vocab_size: int) -> bool | None:
+def local_sync(engine, dims: mapping.Dims, tp_size: int, pp_size: int) -> frozenset | None:
     """Whether ``engine`` can be fed from this rank's own shards (see ``gathered_hf_tensors``): None when not (its
-    tensor parallelism differs from this TP group's, PP > 1, or it holds whole tensors), else whether its
-    vocabulary shards are megatron's too (``engine.vocab_range``)."""
+    tensor parallelism differs from this TP group's, PP > 1, or it holds whole tensors), else the Megatron names
+    that must still be gathered: the vocabulary-split ones unless its vocabulary shards are megatron's
+    (``engine.vocab_range``: vLLM pads the vocabulary to a multiple of 64 before splitting it), and the vision
+    tower when the engine runs it whole (``engine.vision_data_parallel``)."""
     engine_tp = getattr(engine, "tensor_parallel", 1)
     if engine is None or tp_size == 1 or engine_tp != tp_size or pp_size != 1:
         return None
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    per = vocab_size // tp_size
-    return tuple(engine.vocab_range()) == (tp_rank * per, (tp_rank + 1) * per)
+    per = dims.vocab // tp_size
+    names = {p.mcore for p in mapping.params(dims, 0, 1)}
+    out = set()
+    if tuple(engine.vocab_range()) != (tp_rank * per, (tp_rank + 1) * per):
+        out |= {"language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight"}
+    if getattr(engine, "vision_data_parallel", False):
+        out |= {n for n in names if n.startswith("vision.")}
+    return frozenset(out & names)
 
 
 def sync_weights(model: torch.nn.Module, hf_config, engine=None, dtype: torch.dtype = torch.bfloat16,
@@ -220,11 +226,11 @@ def sync_weights(model: torch.nn.Module, hf_config, engine=None, dtype: torch.dt
     bucket_bytes = effective_bucket_bytes(dims, dtype, bucket_bytes)
     stats = SyncStats()
     start = time.perf_counter()
-    local = local_sync(engine, parallel_state.get_tensor_model_parallel_world_size(),
-                       parallel_state.get_pipeline_model_parallel_world_size(), dims.vocab)
+    gathered = local_sync(engine, dims, parallel_state.get_tensor_model_parallel_world_size(),
+                          parallel_state.get_pipeline_model_parallel_world_size())
     with torch.no_grad():
         stream = gathered_hf_tensors(model, dims, dtype, bucket_bytes, stats, keep=engine is not None,
-                                     local_vocab=local)
+                                     gathered=gathered)
         if engine is not None:
             engine.update_weights(stream)
         collections.deque(stream, maxlen=0)  # whatever is left: every rank runs every collective

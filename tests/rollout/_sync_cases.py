@@ -74,7 +74,7 @@ def tp2_pp2_sync_case(rank, world, tie, bucket_bytes):
     return out
 
 
-def vllm_tp2_sync_case(rank, world, model_dir, tie, rollout_tp):
+def vllm_tp2_sync_case(rank, world, model_dir, tie, rollout_tp, vision_dp=False):
     """Megatron TP=2 on 2 ranks, every rank a vLLM worker (``rollout_tp`` ranks per replica: 2 = one replica fed
     from the local shards, 1 = two replicas fed gathered tensors), started on vLLM's dummy weights. The engine's
     log-probs before any sync (mismatch ~1: a missed sync shows), then after an optimizer step and a sync (equal
@@ -96,7 +96,7 @@ def vllm_tp2_sync_case(rank, world, model_dir, tie, rollout_tp):
     prompt = video_prompt(config, tokenizer, fps=0.5)
     video = dict(pixel_values_videos=prompt.video.pixel_values_videos, video_grid_thw=prompt.video.video_grid_thw)
     engine = VLLMEngine(config, tokenizer, model_dir, dtype=torch.float32, max_model_len=1024,
-                        tensor_parallel=rollout_tp, load_format="dummy")
+                        tensor_parallel=rollout_tp, load_format="dummy", vision_data_parallel=vision_dp)
     sampling = Sampling(temperature=0.8, max_tokens=8, seed=3)
 
     def mismatch():
@@ -125,9 +125,14 @@ def vllm_tp2_sync_case(rank, world, model_dir, tie, rollout_tp):
 
 
 class ShardedRecordingEngine(RecordingEngine):
-    """A ``RecordingEngine`` split like the TP group (what ``local_sync`` looks for)."""
+    """A ``RecordingEngine`` split like the TP group (what ``local_sync`` looks for), its vision tower whole on
+    every rank when ``vision_data_parallel``."""
 
     tensor_parallel = 2
+
+    def __init__(self, vision_data_parallel: bool = False):
+        super().__init__()
+        self.vision_data_parallel = vision_data_parallel
 
     def vocab_range(self):
         from megatron.core import parallel_state
@@ -136,7 +141,7 @@ class ShardedRecordingEngine(RecordingEngine):
         return (r * 256, (r + 1) * 256)  # the tiny vocabulary of 512 in two halves, as megatron splits it
 
 
-def local_sync_case(rank, world, tie):
+def local_sync_case(rank, world, tie, vision_dp=False):
     """TP=2: each rank feeds its own ``ShardedRecordingEngine`` from its own shard. Returns the stats and, per
     received HF tensor, the largest difference between its part for this rank and that part of the whole model."""
     from megatron.core import parallel_state
@@ -152,7 +157,7 @@ def local_sync_case(rank, world, tie):
     hf = tiny_hf_model(0, tie_word_embeddings=tie)
     model = tiny_mcore_model(hf)
     adam_step_on_random_gradients(model)
-    engine = ShardedRecordingEngine()
+    engine = ShardedRecordingEngine(vision_dp)
     stats = sync_weights(model, hf.config, engine, dtype=torch.float32, bucket_bytes=300 * 1024)
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if mapping.is_weight_name(k)}
     shards = [None] * world
@@ -160,11 +165,13 @@ def local_sync_case(rank, world, tie):
     want = dict(mcore_to_hf_state(dict(shards), hf.config, 2, 1))
     dims = mapping.Dims.from_hf_config(hf.config)
     kinds = {n: p for p in mapping.params(dims, 0, 1) for n in p.hf}
-    diffs = {}
+    diffs, whole = {}, {}
     for name, got in engine.received:
         p = kinds[name]
+        whole[name] = (got - want[name]).abs().max().item()  # the whole tensor (valid where it was gathered)
         # this rank's part of a full tensor: split both the same way and compare shard `rank`
         ours = mapping.split(p, [got if n == name else want[n] for n in p.hf], rank, 2)
         theirs = mapping.split(p, [want[n] for n in p.hf], rank, 2)
         diffs[name] = (ours - theirs).abs().max().item()
-    return {"stats": stats, "diffs": diffs, "names": sorted(n for n, _ in engine.received), "want": sorted(want)}
+    return {"stats": stats, "diffs": diffs, "whole": whole, "names": sorted(n for n, _ in engine.received),
+            "want": sorted(want)}

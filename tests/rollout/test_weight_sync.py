@@ -141,3 +141,16 @@ def test_same_tp_sync_feeds_each_rank_from_its_own_shard(tie):
         stats = out["stats"]
         assert stats.collectives == 0 and stats.bytes_sent == stats.bytes_received == 0
         assert stats.local == tp_split_params(tie, 0, 1)
+
+
+def test_same_tp_sync_gathers_a_vision_tower_the_engine_holds_whole():
+    """vLLM at a rollout TP that does not divide the vision tower runs it whole on every rank: those parameters
+    are gathered (the engine gets them complete), the language model's still come from the local shard."""
+    results = run_ranks(_sync_cases.local_sync_case, 2, False, True, timeout=300)
+    dims = Dims.from_hf_config(tiny_hf_config())
+    vision = [p for p in params(dims, 0, 1) if p.mcore.startswith("vision.") and p.kind != REPLICATED]
+    for out in results:
+        assert max(out["diffs"].values()) == 0.0
+        assert all(out["whole"][n] == 0.0 for p in vision for n in p.hf)
+        stats = out["stats"]
+        assert stats.collectives == len(vision) and stats.local == tp_split_params(False, 0, 1) - len(vision)

@@ -72,9 +72,18 @@ class Dims:
             raise ConfigError(f"{source}: not a Qwen2.5-VL config ({e}); pass the config.json of a "
                               "Qwen2_5_VLForConditionalGeneration checkpoint") from None
 
-    def validate(self, tp_size: int, pp_size: int, tp_label: str = "--tp {}", pp_label: str = "--pp {}") -> None:
+    def vision_splits(self, tp_size: int) -> list[str]:
+        """The vision-tower sizes ``tp_size`` does not divide (``field=value``); empty when it splits evenly."""
+        return [f"{field}={value}" for field, value in (("vision_config.num_heads", self.v_heads),
+                                                        ("vision_config.intermediate_size", self.v_ffn),
+                                                        ("vision_config.hidden_size*spatial_merge_size**2",
+                                                         self.merger_hidden)) if value % tp_size]
+
+    def validate(self, tp_size: int, pp_size: int, tp_label: str = "--tp {}", pp_label: str = "--pp {}",
+                 vision: bool = True) -> None:
         """Raise ConfigError unless TP divides every split size and PP divides the number of layers. The labels
-        name the layout as the caller's user wrote it (``tr1 convert``'s flags; the model's config keys)."""
+        name the layout as the caller's user wrote it (``tr1 convert``'s flags; the model's config keys).
+        ``vision=False``: the vision tower is not split (vLLM runs it data-parallel), so its sizes are not checked."""
         tp_name, pp_name = tp_label.format(tp_size), pp_label.format(pp_size)
         if tp_size < 1 or pp_size < 1:
             raise ConfigError(f"{tp_name} {pp_name}: both must be >= 1")
@@ -85,9 +94,10 @@ class Dims:
                              ("text_config.num_key_value_heads", self.groups),
                              ("text_config.vocab_size", self.vocab),
                              ("text_config.intermediate_size", self.ffn),
-                             ("vision_config.num_heads", self.v_heads),
-                             ("vision_config.intermediate_size", self.v_ffn),
-                             ("vision_config.hidden_size*spatial_merge_size**2", self.merger_hidden)):
+                             *((("vision_config.num_heads", self.v_heads),
+                                ("vision_config.intermediate_size", self.v_ffn),
+                                ("vision_config.hidden_size*spatial_merge_size**2", self.merger_hidden))
+                               if vision else ())):
             if value % tp_size:
                 raise ConfigError(f"{tp_name} does not divide {field}={value} ({self.source}); choose a TP "
                                   f"size that divides it")
