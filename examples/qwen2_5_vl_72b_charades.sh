@@ -1,11 +1,12 @@
 #!/bin/bash
 # Qwen2.5-VL-72B GRPO on Charades (Temporal-R1 recipe, examples/qwen2_5_vl_72b_charades.yaml) on a SLURM
-# cluster: 4 node(s) x 8 GPUs, TP 4 x PP 8 x DP 1 with full recompute (from `tr1 plan`, see the YAML).
+# cluster: 8 node(s) x 8 GPUs, TP 4 x PP 8 x DP 2 with full recompute, rollout TP 8 (from `tr1 plan`, see the YAML).
 # Run from the repository root:
 #   bash examples/qwen2_5_vl_72b_charades.sh [tr1 train arguments...]     e.g. optim.lr=2e-6 --stages grpo
 # Needs the HF checkpoint in checkpoints/Qwen2.5-VL-72B-Instruct (no conversion: model.hf_dir loads HF weights)
-# and the data under data/ (docs/cluster.md). Environment: NODES (default 4), TIME (per job, default 48:00:00),
-# RUN_DIR, SBATCH_ARGS (e.g. "--partition=gpu --account=me"), SETUP (see examples/slurm/train.sbatch).
+# and the data under data/ (docs/cluster.md). Environment: NODES (default 8; NODES=4 only with the YAML's 4-node
+# settings: rollout.gpu_memory_utilization=0.27), TIME (per job, default 48:00:00), RUN_DIR, SBATCH_ARGS
+# (e.g. "--partition=gpu --account=me"), SETUP (see examples/slurm/train.sbatch).
 #
 # What the eval job does, by hand (the trainer leaves each stage's final weights in RUN_DIR/stages/<stage>/model):
 #   tr1 convert mcore-to-hf --mcore-dir $RUN_DIR/stages/grpo/model --out $RUN_DIR/hf/grpo
@@ -13,7 +14,7 @@
 #                                                   # and ActivityNet val, with and without --no-think
 set -euo pipefail
 
-NODES=${NODES:-4}
+NODES=${NODES:-8}
 TIME=${TIME:-48:00:00}
 CONFIG=examples/qwen2_5_vl_72b_charades.yaml
 RUN_DIR=${RUN_DIR:-runs/qwen2_5_vl_72b_charades}

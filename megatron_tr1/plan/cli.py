@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from megatron_tr1.errors import ConfigError
-from megatron_tr1.plan.layouts import Layout, enumerate_layouts, rank_key, recommend
-from megatron_tr1.plan.memory import Breakdown, GiB, Workload, layout_peak, max_vllm_share, stage_breakdowns
+from megatron_tr1.plan.layouts import Layout, enumerate_layouts, rank_key, recommend, vision_blockers
+from megatron_tr1.plan.memory import BF16, Breakdown, GiB, Workload, layout_peak, max_vllm_share, stage_breakdowns
 from megatron_tr1.plan.models import BUILTIN, ModelSpec, load_model
 from megatron_tr1.plan.params import total_params, vision_tower
 from megatron_tr1.plan.rollout import RolloutEstimate, pick_rollout, rollout_estimate, rollout_options
@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rollout-n", type=int, default=8, help="responses per prompt, rollout.n (default 8)")
     p.add_argument("--rollout-batch", type=int,
                    help="sequences in flight per rollout replica (default: ceil(--rollout-prompts / replicas) x "
-                        "--rollout-n, the step's share)")
+                        "--rollout-n, the step's share; fewer: vLLM queues the rest, slower)")
     p.add_argument("--rollout-overhead", type=float, default=2.0,
                    help="GiB per GPU vLLM uses besides weights and KV cache: activations, CUDA graphs, sampler "
                         "(default 2, an assumption)")
@@ -111,6 +111,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"excluded TP={tp}: {'; '.join(reasons)}")
     for tp, reasons in rollout_excluded.items():
         print(f"excluded rollout TP={tp}: {'; '.join(reasons)}")
+    for r in rollouts:
+        if r.vision_whole:
+            whole = BF16 * vision_tower(spec.vision).total
+            print(f"rollout TP={r.tp}: vision whole: {'; '.join(vision_blockers(spec, r.tp))}, so vLLM runs the "
+                  f"vision tower data-parallel (mm_encoder_tp_mode=data): its {whole / GiB:.1f} GiB of bf16 "
+                  f"weights undivided on every GPU")
     console = _console()
     console.print(_rollout_table(rollouts, pick))
     console.print(_table(rows, best, w, pick, own_tp))
@@ -119,7 +125,7 @@ def main(args: argparse.Namespace) -> int:
     if best is not None:
         peak = layout_peak(dict(rows)[best])
         print(f"recommended: TP={best.tp} PP={best.pp} DP={best.dp} "
-              f"(peak {peak / GiB:.1f} GiB of {w.usable_bytes / GiB:.1f} GiB usable), rollout TP={pick.tp}: "
+              f"(peak {peak / GiB:.1f} GiB of {w.usable_bytes / GiB:.1f} GiB usable), rollout {pick.label}: "
               f"{pick.replicas} replicas x {pick.seqs} sequences, {pick.need / GiB:.1f} GiB of the "
               f"{pick.share / GiB:.1f} GiB vLLM share")
     elif train_best is None:
@@ -130,12 +136,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"training alone: recommended: TP={train_best.tp} PP={train_best.pp} DP={train_best.dp} "
               f"(peak {peak / GiB:.1f} GiB of {w.usable_bytes / GiB:.1f} GiB usable)")
         print("recommended: none; the rollout engine fits beside no layout (rollout: refused, above)")
-        print(_share_hint(rows, rollouts, w))
+        hint = _share_hint(rows, rollouts, w)
+        print(hint)
+        if hint.startswith("hint: no --vllm-mem-fraction") and (batch := _batch_hint(rows, rollouts, w)):
+            print(batch)
     return 0
 
 
 def _rollout_refusal(rollouts: list[RolloutEstimate], excluded: dict[int, list[str]], w: Workload) -> str:
-    which = "no rollout TP fits" if len(rollouts) > 1 or excluded else f"rollout TP={rollouts[0].tp} does not fit"
+    which = "no rollout TP fits" if len(rollouts) > 1 or excluded else f"rollout {rollouts[0].label} does not fit"
     text = (f"rollout: refused: {which} the vLLM share of {w.vllm_share_bytes / GiB:.1f} GiB per GPU "
             f"(--vllm-mem-fraction {w.vllm_fraction:g} x {w.gpu_mem_gib:g} GiB): "
             + ", ".join(r.describe() for r in rollouts))
@@ -153,14 +162,33 @@ def _share_hint(rows: list[tuple[Layout, list[Breakdown]]], rollouts: list[Rollo
             fraction = math.ceil(r.need / gpu * 100) / 100
             if fraction * gpu <= room and fraction < 1:
                 return (f"hint: --vllm-mem-fraction {fraction:.2f} gives TP={layout.tp} PP={layout.pp} "
-                        f"DP={layout.dp} with rollout TP={r.tp} ({r.need / GiB:.1f} GiB of "
+                        f"DP={layout.dp} with rollout {r.label} ({r.need / GiB:.1f} GiB of "
                         f"{fraction * gpu / GiB:.1f}; that layout leaves at most {room / GiB:.1f} GiB for vLLM)")
     smallest = min(rollouts, key=lambda r: r.need)
     rooms = [max_vllm_share(stages) for _, stages in rows]
     return (f"hint: no --vllm-mem-fraction helps: the smallest rollout need is {smallest.need / GiB:.1f} GiB "
-            f"(rollout TP={smallest.tp}) and the roomiest layout leaves {max(rooms) / GiB:.1f} GiB beside training; "
+            f"(rollout {smallest.label}) and the roomiest layout leaves {max(rooms) / GiB:.1f} GiB beside training; "
             f"try {'another --rollout-tp, ' if len(rollouts) == 1 else ''}more --nodes, a shorter --seq-len, "
             f"fewer --rollout-prompts or --rollout-batch")
+
+
+def _batch_hint(rows: list[tuple[Layout, list[Breakdown]]], rollouts: list[RolloutEstimate], w: Workload
+                ) -> str | None:
+    """The best layout and rollout TP that fit with fewer sequences in flight per replica (``--rollout-batch``, the
+    most that fit in the largest --vllm-mem-fraction that layout leaves room for); None when not even one does."""
+    gpu = w.gpu_mem_gib * GiB
+    for layout, stages in sorted(rows, key=lambda row: rank_key(row[0])):
+        fraction = min(math.floor(max_vllm_share(stages) / gpu * 100) / 100, 0.99)
+        for r in sorted(rollouts, key=lambda r: r.tp):
+            per_seq = r.kv / r.seqs
+            k = math.floor((fraction * gpu - r.weights - r.overhead) / per_seq)
+            if 1 <= k < r.seqs:
+                need = r.weights + k * per_seq + r.overhead
+                return (f"hint: --rollout-batch {k} --vllm-mem-fraction {fraction:.2f} gives TP={layout.tp} "
+                        f"PP={layout.pp} DP={layout.dp} with rollout {r.label} ({need / GiB:.1f} GiB of "
+                        f"{fraction * gpu / GiB:.1f}): {k} of the replica's {r.seqs} sequences in flight, vLLM queues "
+                        f"the rest (slower)")
+    return None
 
 
 def _console() -> Console:
@@ -169,20 +197,21 @@ def _console() -> Console:
 
 
 def _gib_tp(r: RolloutEstimate) -> str:
-    return f"{r.tp} ({r.need / GiB:.1f})" + ("" if r.fits else " no")
+    return f"{r.tp} ({r.need / GiB:.1f})" + (" vw" if r.vision_whole else "") + ("" if r.fits else " no")
 
 
 def _rollout_table(rollouts: list[RolloutEstimate], pick: RolloutEstimate | None) -> Table:
     table = Table(title="rollout engine (vLLM) per GPU in GiB at each rollout TP; every rank hosts one worker",
-                  caption="need = weights (bf16, whole model / TP) + KV (bf16, sequences x tokens) + overhead; "
-                          "fits: need <= share")
-    for name in ("rollout TP", "replicas", "prompts/replica", "seqs/replica", "weights", "KV", "overhead", "need",
-                 "share", "fits"):
+                  caption="need = weights (bf16, whole model / TP; vision whole: the vision tower undivided) + KV "
+                          "(bf16, sequences x tokens) + overhead; fits: need <= share")
+    for name in ("rollout TP", "vision", "replicas", "prompts/replica", "seqs/replica", "weights", "KV", "overhead",
+                 "need", "share", "fits"):
         table.add_column(name, justify="right")
     for r in sorted(rollouts, key=lambda r: r.tp):
         label = "best" if r == pick else ("yes" if r.fits else "no")
         style = "bold green" if r == pick else (None if r.fits else "dim")
-        table.add_row(str(r.tp), str(r.replicas), "-" if r.prompts is None else str(r.prompts), str(r.seqs),
+        table.add_row(str(r.tp), "whole" if r.vision_whole else "split", str(r.replicas),
+                      "-" if r.prompts is None else str(r.prompts), str(r.seqs),
                       *(f"{x / GiB:.1f}" for x in (r.weights, r.kv, r.overhead, r.need, r.share)), label,
                       style=style)
     return table
@@ -196,8 +225,8 @@ def _table(rows, best, w: Workload, pick: RolloutEstimate | None = None,
     table = Table(title="per-GPU memory in GiB: first and last pipeline stage (middle stages hold less)", caption=(
         f"train = weights + grads + optim + ref + {act} + {logits}; peak awake = train + vLLM; "
         f"peak sleep = max(train, weights + grads + optim + ref + vLLM); rollout TP (GiB/GPU): the smallest "
-        f"rollout TP whose vLLM need fits the share; at TP: rollout.tensor_parallel = the layout's TP (null); "
-        f"fits: {peak} <= usable on every stage and a rollout TP fits"))
+        f"rollout TP whose vLLM need fits the share (vw: vision whole); at TP: rollout.tensor_parallel = the "
+        f"layout's TP (null); fits: {peak} <= usable on every stage and a rollout TP fits"))
     for name in ("TP", "PP", "DP", "stage", "weights", "grads", "optim", "ref", "act", "act rc", "logits",
                  "logits unf", "vLLM", "peak awake", "peak sleep", "rollout TP (GiB/GPU)", "at TP", "fits"):
         table.add_column(name, justify="right", header_style="bold" if name in (act, logits, peak) else None)

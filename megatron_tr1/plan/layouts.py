@@ -2,10 +2,10 @@
 
 TP must divide the attention heads, the query groups, the vocabulary, the vision heads, both FFN widths and the
 vision merger's width (megatron-core's column-parallel linears assert it; Qwen2.5-VL's vision FFN of 3420 = 4 * 855
-rules out TP 8),
-and ``--gpus-per-node`` so a TP group never leaves a node. PP must divide the decoder layers. TP * PP must divide
-the GPU count; DP is the rest. A layout also needs a rollout TP whose vLLM engine fits its share
-(``plan/rollout.py``): ``recommend`` takes that answer as ``rollout_fits``.
+rules out training TP 8), and ``--gpus-per-node`` so a TP group never leaves a node. PP must divide the decoder
+layers. TP * PP must divide the GPU count; DP is the rest. A layout also needs a rollout TP whose vLLM engine fits
+its share (``plan/rollout.py``: that TP needs only the language model's sizes divided; a vision tower it does not
+divide runs whole on every rank): ``recommend`` takes that answer as ``rollout_fits``.
 """
 from __future__ import annotations
 
@@ -28,13 +28,28 @@ def divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def model_blockers(spec: ModelSpec, tp: int) -> list[str]:
-    """Why ``tp`` cannot shard this model (megatron's and the trainer's ``Dims.validate`` rules); empty when it can."""
-    t, v = spec.text, spec.vision
+def text_blockers(spec: ModelSpec, tp: int) -> list[str]:
+    """Why ``tp`` cannot split the language model (heads, KV heads, vocabulary, FFN); empty when it can. The rollout
+    engine needs only these (``Dims.validate(..., vision=False)`` in ``rl/trainer.py``)."""
+    t = spec.text
     sizes = [("num_attention_heads", t.heads), ("num_key_value_heads", t.kv_heads), ("vocab_size", t.vocab),
-             ("intermediate_size", t.ffn), ("vision num_heads", v.heads), ("vision intermediate_size", v.ffn),
+             ("intermediate_size", t.ffn)]
+    return [f"{name} {n} is not divisible by {tp}" for name, n in sizes if n % tp]
+
+
+def vision_blockers(spec: ModelSpec, tp: int) -> list[str]:
+    """Why ``tp`` cannot split the vision tower (heads, FFN, merger width; ``Dims.vision_splits``); empty when it
+    can. Training refuses such a TP; the rollout engine runs the tower whole on every rank instead."""
+    v = spec.vision
+    sizes = [("vision num_heads", v.heads), ("vision intermediate_size", v.ffn),
              ("vision merger width", v.hidden * v.merge ** 2)]
     return [f"{name} {n} is not divisible by {tp}" for name, n in sizes if n % tp]
+
+
+def model_blockers(spec: ModelSpec, tp: int) -> list[str]:
+    """Why ``tp`` cannot shard this model for training (megatron's and the trainer's ``Dims.validate`` rules: the
+    language model and the vision tower); empty when it can."""
+    return text_blockers(spec, tp) + vision_blockers(spec, tp)
 
 
 def tp_blockers(spec: ModelSpec, tp: int, gpus_per_node: int) -> list[str]:
