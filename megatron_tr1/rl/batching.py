@@ -5,7 +5,9 @@ onto the position that predicts them: ``labels[t] = input_ids[t + 1]`` for the r
 ``t = P - 1 .. L - 2``, and ``IGNORE_INDEX`` everywhere else (prompt, last position, padding), so the model's
 per-token log-prob at ``t`` is the log-prob of response token ``t - P + 1``. ``loss_mask = labels != -100``.
 Per-response-token values (the engine's log-probs, per-token advantages) are put in the same place with
-``place_response``. Batches are padded ``[B, L_max]`` (right padding).
+``place_response``. Batches are padded ``[B, L_max]`` (right padding), or packed into one row ``[1, sum L]`` with
+``cu_seqlens`` bounds for the model (``pack_batch``; ``unpack`` lays per-token model outputs back out as
+``[B, L_max]`` so losses and statistics see the same layout either way).
 """
 from __future__ import annotations
 
@@ -74,6 +76,28 @@ def pad_batch(seqs: Sequence[TokenSequence], pad_id: int, pad_multiple: int = 1)
     out["loss_mask"] = out["labels"] != IGNORE_INDEX
     out["lengths"] = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     out["prompt_lengths"] = torch.tensor([len(s.prompt_ids) for s in seqs], dtype=torch.long)
+    return out
+
+
+def pack_batch(seqs: Sequence[TokenSequence]) -> dict[str, torch.Tensor]:
+    """The sequences in one row: ``input_ids`` and ``labels`` ``[1, T]`` (``T = sum L``) and ``cu_seqlens``
+    (long ``[B + 1]``, each sequence's bounds in the row)."""
+    if not seqs:
+        raise ValueError("pack_batch of no sequences")
+    rows = [sequence_tensors(s) for s in seqs]
+    bounds = torch.tensor([0] + [len(s) for s in seqs], dtype=torch.long).cumsum(0)
+    return {"input_ids": torch.cat([r["input_ids"] for r in rows])[None],
+            "labels": torch.cat([r["labels"] for r in rows])[None], "cu_seqlens": bounds}
+
+
+def unpack(values: torch.Tensor, cu_seqlens: torch.Tensor, width: int) -> torch.Tensor:
+    """Per-token ``values`` of a packed row (``[1, T]``) as ``[B, width]``: sequence ``i`` in row ``i`` from column 0,
+    zeros after it (where a padded batch has its padding)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    rows = torch.split(values.reshape(-1), lengths)
+    out = values.new_zeros((len(lengths), width))
+    for i, row in enumerate(rows):
+        out[i, : row.numel()] = row
     return out
 
 

@@ -212,8 +212,8 @@ class OptimConfig:
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     micro_batch_size: int = 8
     global_batch_size: int = 64
-    max_tokens_per_micro_batch: int = 0  # > 0: group sequences into micro-batches of at most this many unpadded
-    # tokens (each micro-batch is still padded to its longest sequence: no packed input yet)
+    max_tokens_per_micro_batch: int = 0  # > 0: micro-batches of at most this many tokens (first-fit decreasing)
+    packing: bool = True  # each micro-batch's sequences in one row, no padding (false: padded to the longest)
 
     def __post_init__(self):
         _positive(self, "lr", "eps", "micro_batch_size", "global_batch_size")

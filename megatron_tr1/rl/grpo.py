@@ -38,7 +38,8 @@ from megatron_tr1.rl.batching import TokenSequence, place_response
 from megatron_tr1.rl.config import TrainConfig
 from megatron_tr1.rl.guards import safe_reward
 from megatron_tr1.rl.prompts import GroundingPrompt
-from megatron_tr1.rl.update import forward_backward, loss_weights, micro_batches, optimizer_step, unwrap, zero_grad
+from megatron_tr1.rl.update import (batch_stats, forward_backward, loss_weights, micro_batches, optimizer_step,
+                                    unwrap, zero_grad)
 from megatron_tr1.rl.stats import StepTimer, length_stats, logprob_mismatch, reward_stats
 from megatron_tr1.rollout.engine import Response, Sampling, stop_token_id
 from megatron_tr1.rollout.weight_sync import sync_weights
@@ -114,7 +115,7 @@ def training_sequence(prompt_ids: list[int], response_ids: list[int], hf_config,
 
 def _per_token(values: list[torch.Tensor], rows: list[int], batch: dict) -> torch.Tensor:
     """Per-response-token ``values[row]`` placed at the positions that predict them, ``[B, L]``."""
-    width = batch["input_ids"].shape[1]
+    width = batch["width"]
     return torch.stack([place_response(values[r], int(p), width) for r, p in zip(rows, batch["prompt_lengths"])])
 
 
@@ -230,6 +231,7 @@ def grpo_step(policy, optimizer, engine, ref_model, prompts_with_gt: Sequence[Gr
     seqs, valid = list(seqs), torch.tensor(valid)
     prompts = [g.item.prompt for g in groups for _ in g.responses]
     mbs = micro_batches(seqs, prompts, list(range(len(seqs))), cfg, hf_config, pad_id)
+    metrics |= batch_stats(mbs)
 
     # 3. old-policy (unless the update's forward gives them) and reference log-probs
     with timer("logprob"):

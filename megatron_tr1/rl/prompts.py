@@ -19,7 +19,7 @@ from megatron_tr1.data.prompt import RolloutPrompt
 from megatron_tr1.data.prompt_cache import sample_prompt
 from megatron_tr1.errors import ConfigError
 from megatron_tr1.models.qwen2_5_vl.rope_index import get_rope_index
-from megatron_tr1.rl.batching import TokenSequence, pad_batch
+from megatron_tr1.rl.batching import TokenSequence, pack_batch, pad_batch, unpack
 from megatron_tr1.rl.config import TrainConfig
 
 
@@ -52,27 +52,49 @@ def grounding_prompt(sample: Sample, cfg: TrainConfig, tokenizer, hf_config, thi
 
 
 def model_batch(seqs: Sequence[TokenSequence], prompts: Sequence[RolloutPrompt], hf_config,
-                pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """One padded micro-batch for ``forward_logprobs``: ``input_ids``, ``labels``, ``loss_mask``,
-    ``attention_mask`` ``[B, L]``, ``position_ids`` ``[3, B, L]``, ``pixel_values_videos`` and
-    ``video_grid_thw`` (row ``i``'s video is ``prompts[i].video``; every prompt must have one)."""
+                pad_id: int = 0, packed: bool = False) -> dict[str, torch.Tensor]:
+    """One micro-batch for ``forward_logprobs``: ``labels``, ``loss_mask``, ``attention_mask``, ``lengths``,
+    ``prompt_lengths`` in the padded layout ``[B, L]`` (what losses and statistics read), and the model's inputs:
+    ``input_ids`` and ``position_ids`` (``[3, B, L]``, ``get_rope_index``, as the engines use) padded, or with
+    ``packed`` one row ``[1, T]`` (``input_ids``, ``packed_labels``, ``position_ids`` ``[3, 1, T]`` restarting in each
+    sequence, ``cu_seqlens``); plus ``pixel_values_videos`` and ``video_grid_thw`` of the rows, concatenated in row
+    order (row ``i``'s video is ``prompts[i].video``; every prompt must have one) and ``width`` (``L``)."""
     if len(seqs) != len(prompts) or any(p.video is None for p in prompts):
         raise ValueError(f"model_batch needs one video prompt per sequence, got {len(seqs)} sequences and "
                          f"{sum(p.video is not None for p in prompts)} video prompts of {len(prompts)}")
     batch = pad_batch(seqs, pad_id)
     videos = [p.video for p in prompts]
     grid = torch.cat([v.video_grid_thw for v in videos])
-    batch["position_ids"] = get_rope_index(
-        hf_config, batch["input_ids"], attention_mask=batch["attention_mask"], video_grid_thw=grid,
-        second_per_grid_ts=torch.tensor([v.second_per_grid_ts for v in videos]))
+    seconds = torch.tensor([v.second_per_grid_ts for v in videos])
+    if packed:
+        row = pack_batch(seqs)
+        batch.update(input_ids=row["input_ids"], packed_labels=row["labels"], cu_seqlens=row["cu_seqlens"])
+        batch["position_ids"] = torch.cat([
+            get_rope_index(hf_config, torch.tensor([s.prompt_ids + s.response_ids]), video_grid_thw=grid[i:i + 1],
+                           second_per_grid_ts=seconds[i:i + 1])[:, 0] for i, s in enumerate(seqs)], dim=1)[:, None]
+    else:
+        batch["position_ids"] = get_rope_index(hf_config, batch["input_ids"], attention_mask=batch["attention_mask"],
+                                               video_grid_thw=grid, second_per_grid_ts=seconds)
     batch["pixel_values_videos"] = torch.cat([v.pixel_values_videos for v in videos])
     batch["video_grid_thw"] = grid
+    batch["width"] = batch["labels"].shape[1]
     return batch
 
 
 def policy_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, return_entropy: bool = False):
-    """The model's ``forward_logprobs`` on a ``model_batch`` (log-probs ``[B, L]``, and the entropy if asked)."""
-    return model.forward_logprobs(batch["input_ids"], batch["position_ids"], batch["labels"],
-                                  pixel_values_videos=batch["pixel_values_videos"],
-                                  video_grid_thw=batch["video_grid_thw"], temperature=temperature,
-                                  return_entropy=return_entropy, attention_mask=batch["attention_mask"])
+    """The model's ``forward_logprobs`` on a ``model_batch`` (log-probs ``[B, L]``, and the entropy if asked; a
+    packed batch's are laid back out as ``[B, L]``). Pipeline stages before the last return their hidden states."""
+    if "cu_seqlens" not in batch:
+        return model.forward_logprobs(batch["input_ids"], batch["position_ids"], batch["labels"],
+                                      pixel_values_videos=batch["pixel_values_videos"],
+                                      video_grid_thw=batch["video_grid_thw"], temperature=temperature,
+                                      return_entropy=return_entropy, attention_mask=batch["attention_mask"])
+    out = model.forward_logprobs(batch["input_ids"], batch["position_ids"], batch["packed_labels"],
+                                 pixel_values_videos=batch["pixel_values_videos"],
+                                 video_grid_thw=batch["video_grid_thw"], temperature=temperature,
+                                 return_entropy=return_entropy, cu_seqlens=batch["cu_seqlens"])
+    if not getattr(model, "post_process", True):
+        return out
+    if return_entropy:
+        return tuple(unpack(x, batch["cu_seqlens"], batch["width"]) for x in out)
+    return unpack(out, batch["cu_seqlens"], batch["width"])

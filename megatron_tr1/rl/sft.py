@@ -13,7 +13,7 @@ import torch
 
 from megatron_tr1.rl.batching import TokenSequence, sft_sequence, sft_target
 from megatron_tr1.rl.config import TrainConfig
-from megatron_tr1.rl.update import forward_backward, loss_weights, micro_batches, optimizer_step, zero_grad
+from megatron_tr1.rl.update import batch_stats, forward_backward, loss_weights, micro_batches, optimizer_step, zero_grad
 from megatron_tr1.rl.prompts import GroundingPrompt
 from megatron_tr1.rl.stats import StepTimer
 from megatron_tr1.rollout.engine import stop_token_id
@@ -50,5 +50,5 @@ def sft_step(policy, optimizer, items: Sequence[GroundingPrompt], cfg: TrainConf
         grad_norm = optimizer_step(policy, optimizer, cfg.optim.grad_clip)
     tokens = float(sum(s["tokens"] for s in stats))
     return {"loss": float(sum(s["nll"] for s in stats)) / max(tokens, 1.0), "grad_norm": grad_norm,
-            "tokens": tokens} | \
+            "tokens": tokens} | batch_stats(mbs) | \
         timer.stats(tokens=sum(len(s) for s in seqs))

@@ -107,8 +107,9 @@ def zero_grad(model, optimizer) -> None:
 def micro_batches(seqs: list[TokenSequence], prompts: list, index: list[int], cfg: TrainConfig, hf_config,
                   pad_id: int) -> list[tuple[list[int], dict]]:
     """``(sequence indices, model_batch)`` micro-batches of the sequences ``index``: ``optim.micro_batch_size``
-    sequences each, or grouped by ``optim.max_tokens_per_micro_batch`` unpadded tokens when that is set (still
-    padded batches: ``forward_logprobs`` has no packed THD input yet)."""
+    sequences each, or grouped by ``optim.max_tokens_per_micro_batch`` tokens when that is set (first-fit
+    decreasing: few micro-batches of similar size); each packed into one row (``optim.packing``) or padded to its
+    longest sequence."""
     o = cfg.optim
     if o.max_tokens_per_micro_batch:
         parts = split_by_tokens([len(seqs[i]) for i in index], o.max_tokens_per_micro_batch, o.micro_batch_size)
@@ -117,5 +118,15 @@ def micro_batches(seqs: list[TokenSequence], prompts: list, index: list[int], cf
     out = []
     for part in parts:
         rows = [index[k] for k in part]
-        out.append((rows, model_batch([seqs[i] for i in rows], [prompts[i] for i in rows], hf_config, pad_id)))
+        out.append((rows, model_batch([seqs[i] for i in rows], [prompts[i] for i in rows], hf_config, pad_id,
+                                      packed=o.packing)))
     return out
+
+
+def batch_stats(mbs: list[tuple[list[int], dict]]) -> dict[str, float]:
+    """``batch/tokens`` (real tokens), ``batch/micro_batches`` and ``batch/pad_fraction`` (padded token slots / all
+    slots the model computed; 0 when packed)."""
+    tokens = sum(int(b["lengths"].sum()) for _, b in mbs)
+    slots = sum(b["input_ids"].numel() for _, b in mbs)
+    return {"batch/tokens": tokens, "batch/micro_batches": len(mbs),
+            "batch/pad_fraction": 1.0 - tokens / slots if slots else 0.0}

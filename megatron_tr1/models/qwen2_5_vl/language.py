@@ -27,10 +27,12 @@ class LanguageModel(GPTModel):
             position_embedding_type="mrope", rotary_base=text.rope_parameters["rope_theta"])
 
     def final_hidden(self, decoder_input: torch.Tensor | None, position_ids: torch.Tensor,
-                     attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Decoder output ``[s, b, h]`` of this stage (after the final norm on the last stage)."""
+                     attention_mask: torch.Tensor | None, packed_seq_params=None) -> torch.Tensor:
+        """Decoder output ``[s, b, h]`` of this stage (after the final norm on the last stage); packed sequences
+        (``packed_seq_params``, ``b = 1``) attend within each sequence."""
         rotary = self.rotary_pos_emb(position_ids, self.mrope_section)
-        return self.decoder(hidden_states=decoder_input, attention_mask=attention_mask, rotary_pos_emb=rotary)
+        return self.decoder(hidden_states=decoder_input, attention_mask=attention_mask, rotary_pos_emb=rotary,
+                            packed_seq_params=packed_seq_params)
 
     def output_weight(self) -> torch.Tensor:
         """This rank's vocab shard of the LM head ``[vocab / tp, h]`` (the embedding when tied)."""

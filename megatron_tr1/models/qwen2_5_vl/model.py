@@ -106,15 +106,17 @@ class Qwen2_5_VLModel(MegatronModule):
 
     def forward_logprobs(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                          pixel_values_videos=None, video_grid_thw=None, temperature: float = 1.0,
-                         return_entropy: bool = False, attention_mask=None):
+                         return_entropy: bool = False, attention_mask=None, cu_seqlens=None):
         """log p(labels) ``[b, s]`` float32 at ``temperature`` (and the entropy) on the last stage.
 
         ``labels`` ``[b, s]`` hold the token each position predicts, -100 to ignore. Other stages return
-        their hidden states ``[s, b, h]`` for the pipeline schedule.
+        their hidden states ``[s, b, h]`` for the pipeline schedule. Packed sequences: ``b = 1`` and
+        ``cu_seqlens`` (``[B + 1]``, int) their bounds in the row; ``position_ids`` restart in each sequence.
         """
         decoder_input = self._decoder_input(input_ids, pixel_values_videos, video_grid_thw, None, None)
-        hidden = self.language_model.final_hidden(decoder_input, position_ids,
-                                                  self._specs.language_attention(attention_mask))
+        attention = dict(attention_mask=self._specs.language_attention(attention_mask)) if cu_seqlens is None \
+            else self._specs.packed_attention(cu_seqlens)
+        hidden = self.language_model.final_hidden(decoder_input, position_ids, **attention)
         if not self.post_process:
             return hidden
         return kernels.fused_linear_logprobs(

@@ -6,7 +6,13 @@ frames become batch rows (``SegmentBatch``), with a key-padding mask only when t
 ``"te"``: transformer-engine layers (GPU), norms fused into ``linear_qkv`` / ``linear_fc1``; the decoder
 runs TE's causal attention without a mask (so batches must be right-padded: real tokens never see a later pad
 key), the vision tower packed ``thd`` sequences with ``cu_seqlens`` per window or frame. The model code calls
-``language_attention`` / ``vision_attention`` / ``run_vision_layer`` and never branches on the backend itself.
+``language_attention`` / ``packed_attention`` / ``vision_attention`` / ``run_vision_layer`` and never branches
+on the backend itself.
+
+Packed sequences (``packed_attention``: several sequences in one row, ``cu_seqlens`` their bounds) are megatron's
+``thd`` format on both specs: transformer-engine attends within each sequence itself; the ``local`` spec's core
+attention (``PackedDotProductAttention``) lays the sequences out as batch rows for the attention only (the
+projections and MLP run on the packed tokens, with no padding), causal within each sequence.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -51,6 +58,15 @@ class LayerSpecs:
         s = attention_mask.shape[1]
         causal = torch.triu(torch.ones(s, s, dtype=torch.bool, device=pad.device), diagonal=1)
         return causal[None, None] | pad
+
+    @staticmethod
+    def packed_attention(cu_seqlens: torch.Tensor) -> dict:
+        """The decoder's attention arguments for packed sequences bounded by ``cu_seqlens`` (``[B + 1]``): megatron's
+        ``thd`` format on both specs (``PackedDotProductAttention`` for ``local``)."""
+        cu = cu_seqlens.to(torch.int32)
+        longest = int((cu[1:] - cu[:-1]).max())
+        return dict(attention_mask=None, packed_seq_params=PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest))
 
     def vision_attention(self, cu_seqlens: torch.Tensor):
         """How a vision layer attends within the segments (windows or frames) bounded by ``cu_seqlens``; pass it
@@ -99,12 +115,31 @@ class SegmentBatch:
         return out.transpose(0, 1)[self.valid].unsqueeze(1)  # back to [n, 1, h], the original order
 
 
+class PackedDotProductAttention(DotProductAttention):
+    """megatron-core's local core attention, plus packed ``thd`` sequences: query / key / value ``[t, heads, d]``
+    bounded by ``packed_seq_params.cu_seqlens_q`` become batch rows ``[L, sequences, heads, d]`` (``SegmentBatch``)
+    attended causally within each sequence, and come back as ``[t, heads * d]``."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is None:
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
+        rows = SegmentBatch.from_cu_seqlens(packed_seq_params.cu_seqlens_q)
+        q, k, v = (x[rows.index].transpose(0, 1) for x in (query, key, value))  # [L, sequences, heads, d]
+        length = q.shape[0]
+        causal = torch.triu(torch.ones(length, length, dtype=torch.bool, device=q.device), diagonal=1)
+        mask = causal[None, None] | ~rows.valid[:, None, None, :]
+        out = super().forward(q, k, v, mask, attn_mask_type, attention_bias)  # [L, sequences, heads * d]
+        return out.transpose(0, 1)[rows.valid]
+
+
 def build_layer_specs(backend: str = "local") -> LayerSpecs:
     """Specs for ``backend`` ("local" or "te"); "te" needs transformer-engine importable."""
     if backend == "local":
         layer = get_gpt_layer_local_spec(normalization="RMSNorm")
-        return LayerSpecs(backend, _with_mask_type(layer, AttnMaskType.causal),
-                          _with_mask_type(layer, AttnMaskType.padding))
+        language = _with_mask_type(layer, AttnMaskType.causal)
+        language.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+        return LayerSpecs(backend, language, _with_mask_type(layer, AttnMaskType.padding))
     if backend == "te":
         try:
             import transformer_engine  # noqa: F401
