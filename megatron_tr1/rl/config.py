@@ -139,6 +139,7 @@ class RolloutConfig:
     seed: int = 0
     gpu_memory_utilization: float = 0.5  # vLLM only
     sync_bucket_bytes: int = 512 * 2**20  # weight sync: largest flat buffer of converted weights (rollout.weight_sync)
+    max_num_seqs: int | None = None  # vLLM: sequences in flight per replica (None: vLLM's default); the rest queue
 
     def __post_init__(self):
         if self.n < 2:
@@ -151,6 +152,8 @@ class RolloutConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
         _positive(self, "sync_bucket_bytes")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs={self.max_num_seqs} must be >= 1 (or null: vLLM's default)")
         if self.tensor_parallel is not None and self.tensor_parallel < 1:
             raise ConfigError(f"tensor_parallel={self.tensor_parallel} must be >= 1 (or null: model.tensor_parallel)")
         if self.engine == "hf" and self.tensor_parallel not in (None, 1):

@@ -165,6 +165,8 @@ class Trainer:
             kwargs.update(model_dir=str(hf_dir), load_format="dummy", seed=cfg.seed, tensor_parallel=rollout_tp,
                           gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, vision_data_parallel=vision_dp,
                           max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_tokens)
+            if cfg.rollout.max_num_seqs:
+                kwargs["max_num_seqs"] = cfg.rollout.max_num_seqs
         layout = ReplicaLayout.current(rollout_tp)
         self.engine = make_engine(cfg.rollout.engine, self.hf_config, self.tokenizer, self.backend, **kwargs)
         # one cache of decoded videos for training and evaluation
