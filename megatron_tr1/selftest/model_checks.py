@@ -119,3 +119,42 @@ def te_vs_local_vs_hf() -> Measured:
     return Measured(f"te-HF {te_err:.1e}, te-local {te_vs_local:.1e}",
                     f"each <= {common.BF16_FACTOR:g} x HF bf16 error + 1e-3 = {tol:.1e}",
                     te_err <= tol and te_vs_local <= tol, numbers)
+
+
+def packed_vs_padded(dtype: str = "fp32") -> Measured:
+    """One micro-batch of two video prompts with responses of 5 and 40 tokens, packed into one row
+    (``optim.packing``: megatron's ``thd`` on this backend's layer spec) and padded: the RL forward's log-probs and
+    entropies must agree (fp32: 1e-5 relative, as tests/rl/test_packing.py; bf16: 5e-2 absolute on log-probs, not yet
+    measured on a GPU)."""
+    from megatron_tr1.demo import build_tiny_tokenizer, tiny_hf_model
+    from megatron_tr1.rl.batching import TokenSequence
+    from megatron_tr1.rl.prompts import model_batch, policy_logprobs
+
+    backend = common.check_backend(dtype)
+    common.init_one_rank(backend)
+    hf = tiny_hf_model(0)
+    model = common.mcore_model(hf, backend)
+    tokenizer = build_tiny_tokenizer()
+    prompts = [common.video_prompt(hf.config, tokenizer, seed, fps) for seed, fps in ((0, 2.0), (1, 0.5))]
+    g = torch.Generator().manual_seed(0)
+    seqs = [TokenSequence(p.input_ids, torch.randint(16, 500, (n,), generator=g).tolist())
+            for p, n in zip(prompts, (5, 40))]
+    out = {}
+    for packed in (False, True):
+        batch = model_batch(seqs, prompts, hf.config, packed=packed)
+        batch = {k: (v.to(backend.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        batch["pixel_values_videos"] = batch["pixel_values_videos"].to(backend.dtype)
+        with torch.no_grad():
+            lp, ent = policy_logprobs(model, batch, return_entropy=True)
+        out[packed] = (lp.float().cpu(), ent.float().cpu(), batch["input_ids"].numel())
+    mask = model_batch(seqs, prompts, hf.config)["loss_mask"]
+    lp_err = common.max_abs(out[True][0][mask], out[False][0][mask])
+    ent_err = common.max_abs(out[True][1][mask], out[False][1][mask])
+    numbers = {"logprobs_abs_err": lp_err, "entropy_abs_err": ent_err, "slots_padded": out[False][2],
+               "slots_packed": out[True][2], "layer_spec": backend.layer_spec}
+    if dtype == "fp32":
+        scale = out[False][0][mask].abs().max().item()
+        return Measured(f"logp {lp_err / scale:.1e}, entropy {ent_err:.1e}; slots {out[True][2]} vs {out[False][2]}",
+                        "<= 1e-05 relative", lp_err <= 1e-5 * scale and ent_err <= 1e-5 * max(scale, 1.0), numbers)
+    return Measured(f"logp {lp_err:.1e}, entropy {ent_err:.1e} ({backend.layer_spec})", "<= 5e-2 absolute",
+                    lp_err <= 5e-2 and ent_err <= 5e-2, numbers)

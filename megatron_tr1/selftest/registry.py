@@ -72,6 +72,8 @@ CHECKS: list[Check] = [
           where="local"),
     Check("model_vs_hf.fp32", f"{_M}:model_vs_hf", "megatron-core `local` Qwen2.5-VL vs HF logits and RL log-probs, "
           "fp32", kwargs=dict(dtype="fp32")),
+    Check("packing.fp32", f"{_M}:packed_vs_padded", "one micro-batch packed into a row (thd) vs padded: RL "
+          "log-probs and entropies, fp32", kwargs=dict(dtype="fp32")),
     Check("kernels.vs_reference", f"{_K}:kernels_vs_reference", "Triton kernels vs float64 PyTorch twins: values "
           "and gradients (interpreter on CPU, compiled on GPU)"),
     Check("rollout.hf_sync.fp32", f"{_R}:hf_engine_after_sync", "HF engine after a weight sync vs the trainer's "
@@ -83,6 +85,8 @@ CHECKS: list[Check] = [
           "bf16's own error", needs=("cuda",), kwargs=dict(dtype="bf16")),
     Check("model_vs_hf.te.bf16", f"{_M}:te_vs_local_vs_hf", "megatron-core `te` vs `local` vs HF logits, bf16",
           needs=("cuda", "te")),
+    Check("packing.bf16", f"{_M}:packed_vs_padded", "packed (thd, the backend's layer spec: te where it imports) "
+          "vs padded, bf16", needs=("cuda",), kwargs=dict(dtype="bf16")),
     Check("kernels.3b.fused_logprobs", f"{_K}:kernel_at_3b", "Triton vs eager at Qwen2.5-VL-3B shapes (N=8192, "
           "V=151936, bf16): fwd+bwd time and peak memory", needs=("cuda",), kwargs=dict(kernel="fused_logprobs")),
     Check("kernels.3b.fused_linear_logprobs", f"{_K}:kernel_at_3b", "the same for hidden [N, 2048] x LM head "
