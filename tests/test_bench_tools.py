@@ -53,42 +53,89 @@ def test_bench_decode(tmp_path):
     assert decord["status"] == ("ok" if importlib.util.find_spec("decord") else "not installed")
 
 
-def _check_rollout(data: dict, engines: list[str], tp: int = 1, pp: int = 1) -> None:
-    assert [r["engine"] for r in data["generation"]] == engines
+def _check_rollout(data: dict, gen: list[tuple[str, str, int, int]], sync: list[tuple[str, int]], world: int = 2,
+                   tp: int = 2) -> None:
+    """``gen``: (engine, placement, rollout TP, replicas) of each generation row; ``sync``: (target, ranks)."""
+    assert [(r["engine"], r["placement"], r["rollout_tp"], r["replicas"]) for r in data["generation"]] == gen
     for r in data["generation"]:
         assert r["status"] == "ok", r
-        assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["wall_s"] > 0
+        assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["wall_s"] > 0 and r["world"] == world
+        assert r["tokens_per_s_per_rank"] == pytest.approx(r["tokens_per_s"] / world)
         assert r["samples"] == r["prompts"] * r["n"] and r["mean_length"] <= r["max_tokens"]
-    assert [r["target"] for r in data["sync"]] == engines
+        assert r["runs_count"] == len(r["runs"]) >= 1 and 0 < r["engine_s"] <= r["wall_s"]
+        if any(h["placement"] == "holder" and h["engine"] == r["engine"] for h in data["generation"]):
+            assert 0 <= r["same_as_holder"] <= 1  # the same prompts and seeds as the holder row
+    assert [r["target"] for r in data["sync"]] == [t for t, ranks in sync for _ in range(ranks)]
     for r in data["sync"]:
-        assert r["status"] == "ok" and (r["tp"], r["pp"]) == (tp, pp)
-        assert r["seconds"] > 0 and r["bytes"] > 0 and r["buckets"] >= 1 and r["s_per_gb"] > 0
+        assert r["status"] == "ok" and (r["tp"], r["pp"]) == (tp, 1), r
+        assert r["seconds"] > 0
+        if r["engine"]:
+            assert r["bytes"] > 0 and r["buckets"] >= 1 and r["tensors"] > 0
+        else:
+            assert r["bytes"] == r["buckets"] == 0
 
 
-def test_bench_rollout_hf(tmp_path):
-    run_tool("bench_rollout.py", tmp_path, "--engines", "hf", "--prompts", "1", "--n", "2", "--max-tokens", "4",
-             "--repeats", "1")
-    data = load(tmp_path, "rollout_cpu")
-    _check_rollout(data, ["hf"])
-    assert data["sync"][0]["buckets"] > 1  # 1 MiB buckets of a ~3.7 MB model
+def test_bench_rollout_hf_world2(tmp_path):
+    run_tool("bench_rollout.py", tmp_path, "--world", "2", "--engines", "hf", "--prompts", "2", "--n", "2",
+             "--max-tokens", "4", "--repeats", "1")
+    data = load(tmp_path, "rollout_cpu_world2_hf")  # TP 2 by default at world 2
+    _check_rollout(data, [("hf", "holder", 1, 1), ("hf", "every rank", 1, 2)],
+                   [("hf holder", 2), ("hf every rank", 2)])
+    holder0, holder1, every0, every1 = data["sync"]
+    assert holder0["engine"] and not holder1["engine"]  # the old placement: an engine on rank 0 only
+    assert every0["engine"] and every1["engine"]
+    assert holder0["buckets"] > 1  # 1 MiB buckets of a ~3.7 MB model
+    for r in data["sync"]:  # TP 2 into whole-tensor HF engines: every rank all-gathers its TP-split shards
+        assert r["collectives"] > 0 and r["bytes_sent"] > 0 and r["bytes_received"] > 0 and r["local"] == 0
     assert data["generation"][0]["max_tokens"] == 4 and data["generation"][0]["n"] == 2
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed")
-def test_bench_rollout_vllm(tmp_path):
-    run_tool("bench_rollout.py", tmp_path, "--engines", "hf", "vllm", "--prompts", "1", "--n", "2",
-             "--max-tokens", "4", "--repeats", "1")
-    _check_rollout(load(tmp_path, "rollout_cpu"), ["hf", "vllm"])
+def test_bench_rollout_vllm_local_shards(tmp_path):
+    """vLLM on every rank at rollout TP 2 = TP: one replica, each rank fed from its own Megatron shard."""
+    run_tool("bench_rollout.py", tmp_path, "--world", "2", "--engines", "vllm", "--rollout-tp", "2", "--placements",
+             "every-rank", "--prompts", "2", "--n", "2", "--max-tokens", "4", "--repeats", "1")
+    data = load(tmp_path, "rollout_cpu_world2_rtp2_vllm_everyrank")
+    _check_rollout(data, [("vllm", "every rank", 2, 1)], [("vllm rollout TP 2 (local shards)", 2)])
+    for r in data["sync"]:  # nothing crosses between ranks
+        assert r["engine"] and r["local"] > 0 and r["collectives"] == r["bytes_sent"] == r["bytes_received"] == 0
 
 
 @pytest.mark.slow
-def test_bench_rollout_tp2_torchrun(tmp_path):
-    run_tool("bench_rollout.py", tmp_path, "--engines", "hf", "--tp", "2", "--prompts", "1", "--num-samples", "2",
-             "--max-tokens", "4", "--repeats", "1", torchrun=2)
-    data = load(tmp_path, "rollout_cpu_tp2pp1")
-    _check_rollout(data, ["hf"], tp=2)
-    assert data["sync"][0]["collectives"] > 0  # TP all-gathers
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed")
+def test_bench_rollout_vllm_holder_run(tmp_path):
+    """The vLLM holder baseline: one in-process vLLM in a separate single-rank run, reported for the world-2 job."""
+    run_tool("bench_rollout.py", tmp_path, "--world", "2", "--engines", "vllm", "--placements", "holder", "--prompts",
+             "2", "--n", "2", "--max-tokens", "4", "--repeats", "2", "--trials", "1")
+    data = load(tmp_path, "rollout_cpu_world2_vllm_holder")
+    _check_rollout(data, [("vllm", "holder", 1, 1)], [])
+    row = data["generation"][0]
+    assert row["run"] == "separate single-rank run" and row["same_as_holder"] == 1.0 and row["runs_count"] == 2
+
+
+@pytest.mark.slow
+def test_bench_rollout_torchrun(tmp_path):
+    """Under torchrun: HF holder + every rank, vLLM at rollout TP 1 (two replicas, gathered sync); the vLLM holder
+    needs a single-rank run, which torchrun's ranks do not start."""
+    vllm = importlib.util.find_spec("vllm") is not None
+    run_tool("bench_rollout.py", tmp_path, "--engines", "hf", "vllm", "--tp", "2", "--rollout-tp", "1", "--prompts",
+             "2", "--num-samples", "2", "--max-tokens", "4", "--repeats", "1", torchrun=2)
+    data = load(tmp_path, "rollout_cpu_world2_rtp1")
+    assert data["launcher"] == "torchrun"
+    holder, every = data["generation"][2:]
+    assert (holder["engine"], holder["placement"]) == ("vllm", "holder") and holder["status"] != "ok"
+    if vllm:
+        del data["generation"][2]
+        gen = [("hf", "holder", 1, 1), ("hf", "every rank", 1, 2), ("vllm", "every rank", 1, 2)]
+        sync = [("hf holder", 2), ("hf every rank", 2), ("vllm rollout TP 1 (gathered)", 2)]
+    else:
+        assert every["status"] == "vLLM not installed" and data["sync"][-1]["status"] == "vLLM not installed"
+        data["generation"], data["sync"] = data["generation"][:2], data["sync"][:-1]
+        gen, sync = [("hf", "holder", 1, 1), ("hf", "every rank", 1, 2)], [("hf holder", 2), ("hf every rank", 2)]
+    _check_rollout(data, gen, sync)
+    for r in data["sync"][-2:]:  # TP 2 into whole-tensor engines: gathered
+        assert r["collectives"] > 0 and r["bytes_received"] > 0 and r["local"] == 0
 
 
 @pytest.mark.slow

