@@ -26,12 +26,16 @@ def run_dir_config(run_dir, *extra):
     return load_train_config(None, TINY_RUN + [f"run_dir={run_dir}", *extra])
 
 
+def _wall_clock(key: str) -> bool:
+    return key.startswith("time/") or "tokens_per_s" in key
+
+
 def metrics(run_dir) -> dict:
     """Every stage's metrics.jsonl records without the wall-clock entries, and results.json."""
     out = {}
     for path in sorted(Path(run_dir, "stages").glob("*/metrics.jsonl")):
         records = [json.loads(line) for line in path.read_text().splitlines()]
-        out[path.parent.name] = [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))}
+        out[path.parent.name] = [{k: v for k, v in r.items() if not _wall_clock(k)}
                                  for r in records]
     results = Path(run_dir, "results.json")
     out["results"] = json.loads(results.read_text()) if results.is_file() else None
