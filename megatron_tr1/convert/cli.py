@@ -26,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for p in (a, b):
         p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
         p.add_argument("--shard-size-mb", type=int, default=DEFAULT_SHARD_BYTES >> 20,
-                       help="largest safetensors file written, in MiB (default %(default)s); bounds the memory "
-                            "buffered for writing")
+                       help="MiB of weights buffered before a safetensors file is written (default "
+                            "%(default)s): the largest file (hf-to-mcore divides it among the TP ranks' files) "
+                            "and the memory bound: peak RSS is about the import baseline + the largest tensor + "
+                            "the larger of this and the largest tensor")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

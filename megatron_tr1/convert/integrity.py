@@ -50,17 +50,17 @@ def verify_checksum(path: str | os.PathLike, required: bool = True) -> bool:
     missing and ``required``. Returns whether a checksum was checked."""
     path = Path(path)
     side = sidecar(path)
-    if not side.is_file():
-        if required:
-            raise CheckpointError(f"{path}: its checksum {side.name} is missing; the checkpoint is incomplete or was "
-                                  f"copied without it (copy the whole folder)")
+    if not side.is_file() and not required:
         return False
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
+    if not side.is_file():
+        raise CheckpointError(f"{path}: its checksum {side.name} is missing; the checkpoint is incomplete or was "
+                              f"copied without it (copy the whole folder)")
     try:
         want = side.read_text(encoding="utf-8").split()[0]
     except (OSError, IndexError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{side}: unreadable checksum ({e})") from None
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (its checksum {side.name} is there); the checkpoint is incomplete")
     got = digest(path)
     if got != want:
         raise CheckpointError(f"{path}: corrupted - its SHA-256 is {got[:16]}..., the checkpoint recorded "

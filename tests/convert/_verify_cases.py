@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron_tr1.convert import integrity
+
 DEEP = dict(num_hidden_layers=36, hidden_size=128, intermediate_size=256, num_attention_heads=4,
             initializer_range=0.1)
 HEAD_DIM = DEEP["hidden_size"] // DEEP["num_attention_heads"]
@@ -35,6 +37,7 @@ def swap_heads(mcore_dir: str | Path, layer: int, a: int = 0, b: int = 1) -> Non
     cols = [slice(h * HEAD_DIM, (h + 1) * HEAD_DIM) for h in (a, b)]
     w[:, cols[0]], w[:, cols[1]] = w[:, cols[1]].clone(), w[:, cols[0]].clone()
     save_file(state, str(path), metadata={"format": "pt"})
+    integrity.write_checksum(path)  # a deliberate edit: the checksum follows it
 
 
 def cast_equals_bf16_load(hf_dir: str) -> bool:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from megatron_tr1.cli import main as tr1
+from megatron_tr1.convert import integrity
 from megatron_tr1.convert.checkpoint import load_mcore_state, read_meta
 from megatron_tr1.convert.hf_to_mcore import convert_hf_to_mcore
 from megatron_tr1.convert.mcore_to_hf import convert_mcore_to_hf
@@ -147,9 +148,10 @@ def test_bad_input_gives_one_clear_line_and_exit_2(hf_dir, tmp_path, capsys):
 
     err = _tr1_error(["convert", "mcore-to-hf", "--mcore-dir", str(src), "--out", str(tmp_path / "x")], capsys)
     assert "tr1_mcore.json: not found" in err
-    (out / "mp_rank_01_000" / "model.safetensors").unlink()
+    weights = out / "mp_rank_01_000" / "model.safetensors"
+    weights.unlink()
     err = _tr1_error(["convert", "mcore-to-hf", "--mcore-dir", str(out), "--out", str(tmp_path / "x")], capsys)
-    assert "mp_rank_01_000/model.safetensors: listed weight file is missing" in err
+    assert "mp_rank_01_000/model.safetensors: missing; the checkpoint is incomplete" in err
 
 
 def test_tools_scripts_run_the_same_conversion(hf_dir, tmp_path):
@@ -167,18 +169,24 @@ def test_tools_scripts_run_the_same_conversion(hf_dir, tmp_path):
     assert usage.returncode == 2 and "tools/verify.sh HF_DIR MCORE_DIR [TP PP]" in usage.stderr
 
 
+def _rewrite(path, state):
+    """Edit a converted shard on purpose: its checksum follows (else the load stops at the checksum)."""
+    save_file(state, path)
+    integrity.write_checksum(path)
+
+
 def test_a_damaged_megatron_checkpoint_is_refused_naming_file_and_tensors(hf_dir, tmp_path):
     convert_hf_to_mcore(hf_dir(), tmp_path / "mc", 2, 1, progress=False)
     rank = tmp_path / "mc" / "mp_rank_01_000" / "model.safetensors"
     state = load_file(rank)
     state["vision.decoder.layers.7.mlp.linear_fc2.bias"] = torch.zeros(1)
     state["vision.merger.linear_fc1.bias"] = torch.zeros(3)  # wrong shard shape
-    save_file(state, rank)
+    _rewrite(rank, state)
     with pytest.raises(CheckpointError, match=r"mp_rank_01_000: 1 unexpected tensor\(s\): "
                                               r"vision.decoder.layers.7.mlp.linear_fc2.bias"):
         load_mcore_state(tmp_path / "mc", 1, 2, 0, 1)
     del state["vision.decoder.layers.7.mlp.linear_fc2.bias"]
-    save_file(state, rank)
+    _rewrite(rank, state)
     with pytest.raises(CheckpointError, match=r"config mismatch: .*mp_rank_01_000/model.safetensors tensor "
                                               r"vision.merger.linear_fc1.bias has shape \(3,\) .* implies \(128,\)"):
         load_mcore_state(tmp_path / "mc", 1, 2, 0, 1)

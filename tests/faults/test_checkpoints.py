@@ -150,3 +150,33 @@ def test_a_truncated_optimizer_file_is_named(tmp_path):
             optimizer_state.load_optimizer_state(None, tmp_path)
     finally:
         optimizer_state._file = monkey_file
+
+
+@pytest.mark.parametrize("direction", ["hf-to-mcore", "mcore-to-hf"])
+def test_convert_never_replaces_its_own_input_even_with_force(good_ckpt, tmp_path, capsys, direction):
+    """--out that is the input folder, or a folder that contains it, is refused whatever --force says."""
+    src = tmp_path / "parent" / "input"
+    if direction == "hf-to-mcore":
+        assert tr1(["convert", "mcore-to-hf", "--mcore-dir", str(good_ckpt), "--out", str(src), "--no-progress"]) == 0
+        flag = "--hf-dir"
+    else:
+        shutil.copytree(good_ckpt, src)
+        flag = "--mcore-dir"
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    for out, what in ((src, "is the input folder"), (src.parent, f"contains the input folder {src}")):
+        assert tr1(["convert", direction, flag, str(src), "--out", str(out), "--force", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"{out}: --out {what}" in err and "even with --force" in err
+        assert sorted(p.relative_to(src) for p in src.rglob("*")) == before  # nothing deleted
+
+
+def test_converted_checkpoints_carry_checksums_too(good_ckpt, tmp_path):
+    hf = tmp_path / "hf"
+    assert tr1(["convert", "mcore-to-hf", "--mcore-dir", str(good_ckpt), "--out", str(hf), "--no-progress"]) == 0
+    assert tr1(["convert", "hf-to-mcore", "--hf-dir", str(hf), "--out", str(tmp_path / "mc"), "--tp", "2",
+                "--no-progress"]) == 0
+    meta = json.loads((tmp_path / "mc" / "tr1_mcore.json").read_text())
+    assert meta["checksums"] == "sha256"
+    for rank, files in meta["files"].items():
+        for f in files:
+            integrity.verify_checksum(tmp_path / "mc" / rank / f)  # raises when missing or different
