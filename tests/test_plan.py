@@ -144,6 +144,22 @@ def test_memory_formulas_by_hand():
     assert last.peak == last.peak_awake == states + (20 * 8 + 1840) + 3 * 20 * 8 * 4
 
 
+def test_a_token_budget_sizes_activations_and_log_probs_by_its_tokens():
+    """Packed micro-batches (optim.max_tokens_per_micro_batch): the LM and the log-probs see the budget's tokens, the
+    vision tower the patches of the sequences it can hold (at most --micro-batch of them)."""
+    padded = Workload(seq_len=10, micro_batch=2, visual_tokens=3, gpu_mem_gib=1.0, vllm_fraction=0.25)
+    same = dataclasses.replace(padded, tokens_per_micro_batch=20)  # 2 full sequences: the padded micro-batch
+    numbers = ("act", "act_recompute", "logits_fused", "logits_unfused", "train", "peak")
+    assert [[getattr(b, k) for k in numbers] for b in stage_breakdowns(SMALL, same, 2, 2, 2)] == \
+        [[getattr(b, k) for k in numbers] for b in stage_breakdowns(SMALL, padded, 2, 2, 2)]
+    first, last = stage_breakdowns(SMALL, dataclasses.replace(padded, tokens_per_micro_batch=14), 2, 2, 2)
+    # LM: 14 tokens * (96 + 16 + 72) / 2 = 1288 (20 tokens: 1840); vision: still 2 sequences' 2 * 3 patches: 300
+    assert (first.act, last.act) == (2 * 1288 + 2 * 300, 1288)
+    assert last.logits_fused == 3 * 14 * 3 * 4
+    one = dataclasses.replace(padded, tokens_per_micro_batch=5)  # holds one sequence's 3 visual tokens
+    assert one.patches == 3 and dataclasses.replace(padded, micro_batch=1).patches == 3
+
+
 def test_layouts_respect_divisibility():
     spec = BUILTIN["qwen2.5-vl-3b"]  # 2 query groups, 36 layers
     layouts, excluded = enumerate_layouts(spec, gpus_per_node=8, nodes=1)
@@ -227,6 +243,8 @@ def test_cli_reads_an_hf_dir(tmp_path, capsys):
      ("--rollout-tp 16 (rollout.tensor_parallel) cannot shard qwen2.5-vl-72b: num_key_value_heads 8 is not divisible "
       "by 16\n")),
     (["--model", "qwen2.5-vl-3b", "--rollout-tp", "0"], "--rollout-tp 0: must be at least 1"),
+    (["--model", "qwen2.5-vl-3b", "--tokens-per-micro-batch", "4096"],
+     "--tokens-per-micro-batch 4096: must hold one whole sequence (--seq-len 6144)"),
     (["--model", "qwen2.5-vl-3b", "--rollout-prompts", "0"], "--rollout-prompts 0: must be at least 1"),
     (["--model", "qwen2.5-vl-3b", "--rollout-n", "0"], "--rollout-n 0: must be at least 1"),
     (["--model", "qwen2.5-vl-3b", "--rollout-batch", "0"], "--rollout-batch 0: must be at least 1"),

@@ -23,7 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GPU memory in GiB (default 80)")
     p.add_argument("--seq-len", type=int, default=6144, help="tokens per sequence, prompt + response (default 6144)")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    p.add_argument("--micro-batch", type=int, default=1,
+                   help="sequences per micro-batch (default 1; with --tokens-per-micro-batch, the cap on them)")
+    p.add_argument("--tokens-per-micro-batch", type=int, default=0,
+                   help="optim.max_tokens_per_micro_batch: packed micro-batches of this many tokens size the "
+                        "activations and log-probs instead of --micro-batch x --seq-len (default 0: off)")
     p.add_argument("--visual-tokens", type=int, default=2048,
                    help="LM tokens per sequence from the video, after the 2x2 merge (default 2048)")
     p.add_argument("--recompute", action="store_true", help="count activations under full recompute")
@@ -60,6 +64,9 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
             raise ConfigError(f"{flag} {value}: must be at least 1")
     if not args.rollout_overhead >= 0:
         raise ConfigError(f"--rollout-overhead {args.rollout_overhead}: must be a non-negative number of GiB")
+    if args.tokens_per_micro_batch and args.tokens_per_micro_batch < args.seq_len:
+        raise ConfigError(f"--tokens-per-micro-batch {args.tokens_per_micro_batch}: must hold one whole sequence "
+                          f"(--seq-len {args.seq_len}) or be 0, as optim.max_tokens_per_micro_batch must")
     if not 0 <= args.visual_tokens <= args.seq_len:
         raise ConfigError(f"--visual-tokens {args.visual_tokens}: must be between 0 and --seq-len {args.seq_len}")
     if not args.gpu_mem > 0:
@@ -68,6 +75,7 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
         if not 0 <= value < 1:
             raise ConfigError(f"{flag} {value}: must be in [0, 1)")
     return Workload(seq_len=args.seq_len, micro_batch=args.micro_batch, visual_tokens=args.visual_tokens,
+                    tokens_per_micro_batch=args.tokens_per_micro_batch,
                     recompute=args.recompute, fused_logits=not args.unfused_logits,
                     vllm_fraction=args.vllm_mem_fraction, vllm_sleep=args.vllm_sleep, gpu_mem_gib=args.gpu_mem,
                     headroom=args.headroom, rollout_prompts=args.rollout_prompts, rollout_n=args.rollout_n,
@@ -97,9 +105,11 @@ def main(args: argparse.Namespace) -> int:
     print(describe(spec))
     print(f"params={n}")
     print(f"({n / 1e9:.2f}B: vision {n_vision / 1e9:.3f}B, language {(n - n_vision) / 1e9:.3f}B)")
+    micro = (f"packed micro-batches of {w.tokens_per_micro_batch} tokens (<= {w.micro_batch} sequences of <= "
+             f"{w.seq_len}, {w.visual_tokens} visual each)" if w.tokens_per_micro_batch else
+             f"micro-batch {w.micro_batch} x {w.seq_len} tokens ({w.visual_tokens} visual)")
     print(f"cluster: {args.nodes} node(s) x {args.gpus_per_node} GPUs x {w.gpu_mem_gib:g} GiB, usable "
-          f"{w.usable_bytes / GiB:.1f} GiB per GPU ({w.headroom:.0%} headroom); micro-batch {w.micro_batch} x "
-          f"{w.seq_len} tokens ({w.visual_tokens} visual); recompute {'on' if w.recompute else 'off'}; "
+          f"{w.usable_bytes / GiB:.1f} GiB per GPU ({w.headroom:.0%} headroom); {micro}; recompute {'on' if w.recompute else 'off'}; "
           f"{'fused' if w.fused_logits else 'unfused'} log-probs; vLLM {w.vllm_fraction:.2f} of the GPU, "
           f"sleep mode {'on' if w.vllm_sleep else 'off'}")
     step = (f"{w.rollout_batch} sequences per replica" if w.rollout_batch is not None else

@@ -50,8 +50,9 @@ class Workload:
     """What one micro-batch looks like and how the step is run."""
 
     seq_len: int = 6144  # prompt 4096 + response 2048
-    micro_batch: int = 1
+    micro_batch: int = 1  # sequences per micro-batch (with a token budget: the cap on them)
     visual_tokens: int = 2048  # LM tokens per sequence that come from the video (after the 2x2 merge)
+    tokens_per_micro_batch: int = 0  # optim.max_tokens_per_micro_batch (packed); 0: micro_batch x seq_len
     recompute: bool = False
     fused_logits: bool = True
     vllm_fraction: float = 0.5
@@ -63,6 +64,21 @@ class Workload:
     rollout_n: int = 8  # rollout.n
     rollout_batch: int | None = None  # sequences in flight per replica; None: ceil(prompts / replicas) x n
     rollout_overhead_gib: float = 2.0  # vLLM besides weights and KV (activations, CUDA graphs); assumed
+
+    @property
+    def tokens(self) -> int:
+        """LM tokens of one micro-batch: the token budget when there is one (packed, no padding), else
+        sequences x sequence length."""
+        return self.tokens_per_micro_batch or self.micro_batch * self.seq_len
+
+    @property
+    def patches(self) -> int:
+        """Video patches of one micro-batch: every sequence of it (at most ``micro_batch``, and no more than the
+        budget holds) has ``visual_tokens`` x merge^2 of them; ``merge`` is applied by the caller."""
+        seqs = self.micro_batch
+        if self.tokens_per_micro_batch and self.visual_tokens:
+            seqs = min(seqs, self.tokens_per_micro_batch // self.visual_tokens)
+        return seqs * self.visual_tokens
 
     @property
     def usable_bytes(self) -> float:
@@ -121,11 +137,11 @@ def layer_activation_bytes(tokens: int, hidden: int, kv_width: int, ffn: int, tp
 def activation_bytes(spec: ModelSpec, w: Workload, tp: int, pp: int, stage: int, recompute: bool) -> float:
     """Activations held by one GPU of ``stage`` at the 1F1B peak."""
     t, v = spec.text, spec.vision
-    tokens = w.micro_batch * w.seq_len
+    tokens = w.tokens
     in_flight = pp - stage
     blocks = [(tokens, t.hidden, t.kv_heads * t.head_dim, t.ffn, t.layers // pp)]
     if stage == 0:
-        patches = w.micro_batch * w.visual_tokens * v.merge ** 2
+        patches = w.patches * v.merge ** 2
         blocks.append((patches, v.hidden, v.hidden, v.ffn, v.depth))
     total = 0.0
     for n, h, kv, f, count in blocks:
@@ -145,7 +161,7 @@ def logits_bytes(tokens: int, vocab: int, tp: int, fused: bool) -> float:
 
 def stage_breakdowns(spec: ModelSpec, w: Workload, tp: int, pp: int, dp: int) -> list[Breakdown]:
     """One ``Breakdown`` per pipeline stage."""
-    tokens = w.micro_batch * w.seq_len
+    tokens = w.tokens
     out = []
     for stage, p in enumerate(stage_params(spec, tp, pp)):
         last = stage == pp - 1
