@@ -217,6 +217,7 @@ class OptimConfig:
     global_batch_size: int = 64
     max_tokens_per_micro_batch: int = 0  # > 0: micro-batches of at most this many tokens (first-fit decreasing)
     packing: bool = True  # each micro-batch's sequences in one row, no padding (false: padded to the longest)
+    balance_tokens: bool = True  # GRPO: whole groups change data-parallel ranks so each trains about as many tokens
 
     def __post_init__(self):
         _positive(self, "lr", "eps", "micro_batch_size", "global_batch_size")

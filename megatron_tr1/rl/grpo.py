@@ -29,11 +29,13 @@ from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 import kernels
 from kernels.reference import kl_penalty
 from megatron_tr1.rewards import REWARDS
 from megatron_tr1.rl.advantages import DynamicSampler, group_advantages, kl_penalized_rewards, overlong_keep
+from megatron_tr1.rl.balance import balance_groups
 from megatron_tr1.rl.batching import TokenSequence, place_response
 from megatron_tr1.rl.config import TrainConfig
 from megatron_tr1.rl.guards import safe_reward
@@ -224,6 +226,12 @@ def grpo_step(policy, optimizer, engine, ref_model, prompts_with_gt: Sequence[Gr
     rewards = [x for g in groups for x in g.rewards]
     metrics |= reward_stats(rewards, [f for g in groups for f in g.failed], cfg.rollout.n)
     metrics |= length_stats([len(x.token_ids) for x in responses], [x.finish_reason == "length" for x in responses])
+    if cfg.optim.balance_tokens and ps.model_parallel_is_initialized():  # whole groups change DP ranks (rl.balance)
+        groups, balanced = balance_groups(groups, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
+                                          ps.get_data_parallel_group())
+        metrics |= balanced
+        rewards = [x for g in groups for x in g.rewards]
+        responses = [x for g in groups for x in g.responses]
 
     # 2. training sequences (group-major) and micro-batches over all of them
     seqs, valid = zip(*(training_sequence(g.item.prompt.input_ids, x.token_ids, hf_config, pad_id)
