@@ -150,3 +150,16 @@ def test_bench_step(tmp_path):
     assert s["model_tflops"] > 0 and 0 < s["mfu_step"] < s["mfu_train"]
     assert [x["warmup"] for x in data["steps"]] == [True, False]
     assert data["info"]["logprob_passes"] == 1 and data["info"]["params"]["lm_train"] > 0  # reference only: one update
+
+
+@pytest.mark.slow
+def test_bench_packing(tmp_path):
+    run_tool("bench_packing.py", tmp_path, "--prompts", "1", "--n", "4", "--max-tokens", "8", "--repeats", "1",
+             "--micro-batch", "2", "--layers", "1")
+    data = load(tmp_path, "step_packing_cpu")
+    rows = {s["config"]: s for s in data["summary"]}
+    assert len(rows) == 6 and list(rows)[0].startswith("padded")
+    for name, s in rows.items():  # the tool checked its counts against each step's batch/* metrics
+        assert (s["pad_fraction"] == 0) == name.startswith("packed") and s["tokens"] > 0 and s["train"] > 0
+        assert s["slots"] == pytest.approx(s["tokens"] / (1 - s["pad_fraction"]))
+    assert [r["warmup"] for r in data["rounds"]] == [True] * 6 + [False] * 6
