@@ -141,6 +141,7 @@ def test_same_tp_sync_feeds_each_rank_from_its_own_shard(tie):
         stats = out["stats"]
         assert stats.collectives == 0 and stats.bytes_sent == stats.bytes_received == 0
         assert stats.local == tp_split_params(tie, 0, 1)
+        assert stats.buckets > 5 and 0 < stats.peak_bucket_bytes <= 300 * 1024  # extra memory: one bucket at most
 
 
 def test_same_tp_sync_gathers_a_vision_tower_the_engine_holds_whole():
