@@ -1,6 +1,7 @@
 #!/bin/bash
 # Evaluate an HF model folder on Charades-STA test (in domain) and ActivityNet-Captions val (out of domain),
-# prompted with think and without (`--no-think`), then print one table of mIoU and R@0.3/0.5/0.7.
+# prompted with think and without (`--no-think`), or under the seed's protocols (MODES="custom r1": its custom
+# and R1 inference, scored as its lmms-eval does), then print one table of mIoU and R@0.3/0.5/0.7.
 #
 #   examples/eval.sh MODEL_DIR [OUT_ROOT]
 #     MODEL_DIR   an HF Qwen2.5-VL folder: a downloaded checkpoint (the base model) or one exported from a run
@@ -9,8 +10,10 @@
 #     OUT_ROOT    default MODEL_DIR/eval; each (data, mode) gets OUT_ROOT/<data>-<mode>/ with predictions.jsonl,
 #                 submission.json (lmms-eval layout) and metrics.json
 #   Environment: DATASETS (default "charades_sta_test activitynet_val": names of examples/data/*.yaml),
-#                MODES (default "think no-think"), PARSER (answer | lmms-eval, default answer),
-#                ENGINE (vllm | hf, default vllm), MAX_TOKENS (response budget, default 2048 as in training),
+#                MODES (default "think no-think"; also custom, r1: `tr1 eval --protocol custom|r1`),
+#                PARSER (answer | lmms-eval, default answer; think and no-think only),
+#                ENGINE (vllm | hf, default vllm), MAX_TOKENS (response budget, default 2048 as in training;
+#                custom and r1: 4096 as the seed's lmms-eval model classes),
 #                TRAIN_CONFIG (a train config whose data.video frame budget to use; default: tr1 eval's choice,
 #                the run's config.yaml beside a stage's model folder, else Temporal-R1's 2 fps / 2048 tokens),
 #                EVAL_ARGS (extra `tr1 eval` arguments, e.g. "--lenient").
@@ -26,7 +29,7 @@ DATASETS=${DATASETS:-charades_sta_test activitynet_val}
 MODES=${MODES:-think no-think}
 PARSER=${PARSER:-answer}
 ENGINE=${ENGINE:-vllm}
-MAX_TOKENS=${MAX_TOKENS:-2048}
+TOKENS=${MAX_TOKENS:-2048}
 read -r -a EXTRA <<< "${EVAL_ARGS:-}"
 if [[ -n "${TRAIN_CONFIG:-}" ]]; then
     EXTRA=(--train-config "$TRAIN_CONFIG" "${EXTRA[@]}")
@@ -45,14 +48,14 @@ for data in $DATASETS; do
     [[ -f "$config" ]] || { echo "examples/eval.sh: no data config $config" >&2; exit 2; }
     for mode in $MODES; do
         case "$mode" in
-            think) flags=() ;;
-            no-think) flags=(--no-think) ;;
-            *) echo "examples/eval.sh: MODES: unknown mode '$mode' (think | no-think)" >&2; exit 2 ;;
+            think) flags=(--parser "$PARSER" --max-tokens "$TOKENS") ;;
+            no-think) flags=(--no-think --parser "$PARSER" --max-tokens "$TOKENS") ;;
+            custom|r1) flags=(--protocol "$mode" --max-tokens "${MAX_TOKENS:-4096}") ;;
+            *) echo "examples/eval.sh: MODES: unknown mode '$mode' (think | no-think | custom | r1)" >&2; exit 2 ;;
         esac
         out="$OUT_ROOT/$data-$mode"
         echo "== $data, $mode -> $out"
-        tr1 eval --model "$MODEL_DIR" --data "$config" "${flags[@]}" --engine "$ENGINE" --max-tokens "$MAX_TOKENS" \
-            --parser "$PARSER" --out "$out" "${EXTRA[@]}"
+        tr1 eval --model "$MODEL_DIR" --data "$config" "${flags[@]}" --engine "$ENGINE" --out "$out" "${EXTRA[@]}"
         RESULTS+=("$out")
     done
 done

@@ -2,7 +2,9 @@
 
 Same signatures and return conventions as the public functions in ``kernels``. They materialise full-size
 intermediates (float32 logits, softmax) and rely on autograd; float64 inputs stay float64 (the tests use that).
-The GRPO pieces follow verl's ``compute_policy_loss_vanilla``, ``kl_penalty`` and ``agg_loss``.
+The GRPO pieces follow verl's ``compute_policy_loss_vanilla`` / ``compute_policy_loss_gspo``, ``kl_penalty`` and
+``agg_loss``; CISPO and the rollout corrections (TIS / MIS / seq-MIS) are written from their definitions in
+``kernels.grpo_loss``.
 """
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ import torch.distributed as dist
 
 IGNORE_INDEX = -100
 KL_TYPES = ("k1", "k2", "low_var_kl")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+LOSS_TYPES = ("grpo", "gspo", "cispo")
+ROLLOUT_CORRECTIONS = ("none", "tis", "mis", "seq-mis")
+GSPO_LOG_RATIO_MAX = 10.0  # verl clamps GSPO's per-token log-ratio at this maximum
 
 
 class _ReduceFromGroup(torch.autograd.Function):
@@ -106,11 +111,12 @@ def kl_penalty(logprobs, ref_logprobs, kl_type):
     raise ValueError(f"kl_type={kl_type!r}: expected one of {KL_TYPES}")
 
 
-def agg_loss(loss_mat, mask, agg):
+def agg_loss(loss_mat, mask, agg, norm_len=None):
     """Masked aggregation of a [B, T] loss as verl's ``agg_loss`` (denominators clamped at 1, not +1e-8).
 
-    ``seq-mean-token-mean`` averages over sequences with at least one unmasked token; ``seq-mean-token-sum``
-    over all B sequences.
+    ``seq-mean-token-mean`` averages over sequences with at least one unmasked token; ``seq-mean-token-sum`` over
+    all B sequences; ``seq-mean-token-sum-norm`` (Dr. GRPO) is ``seq-mean-token-sum`` divided by the constant
+    ``norm_len`` (default T; the trainer passes ``rollout.max_tokens``).
     """
     mask = mask.to(loss_mat.dtype)
     if agg == "token-mean":
@@ -118,41 +124,77 @@ def agg_loss(loss_mat, mask, agg):
     seq_sum = (loss_mat * mask).sum(-1)
     if agg == "seq-mean-token-sum":
         return seq_sum.mean()
+    if agg == "seq-mean-token-sum-norm":
+        return seq_sum.mean() / (loss_mat.shape[-1] if norm_len is None else norm_len)
     if agg == "seq-mean-token-mean":
         count = mask.sum(-1)
         return (seq_sum / count.clamp(min=1)).sum() / (count > 0).sum().clamp(min=1)
     raise ValueError(f"agg={agg!r}: expected one of {AGG_MODES}")
 
 
+def rollout_keep(old_logprobs, rollout_logprobs, mask, correction, cap):
+    """The loss mask after masked importance sampling: ``mis`` drops tokens whose ``exp(old - rollout)`` lies
+    outside ``[1 / cap, cap]``; ``seq-mis`` drops whole sequences whose geometric-mean ratio (the exp of the
+    masked mean of ``old - rollout``) does; other corrections keep ``mask`` as it is."""
+    mask = mask.to(old_logprobs.dtype)
+    if correction not in ("mis", "seq-mis"):
+        return mask
+    bound = torch.log(torch.tensor(float(cap), dtype=torch.float64)).item()
+    d = (old_logprobs - rollout_logprobs).detach()
+    if correction == "mis":
+        return mask * (d.abs() <= bound).to(mask.dtype)
+    seq = (d * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return mask * (seq.abs() <= bound).to(mask.dtype).unsqueeze(-1)
+
+
 def grpo_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, clip_low=0.2, clip_high=0.2,
               clip_dual=None, kl_coef=0.0, kl_type="low_var_kl", entropy=None, entropy_coef=0.0,
-              agg="token-mean"):
-    """GRPO/PPO-clip loss of ``[B, T]`` token log-probs; returns ``(loss, stats)``. See ``kernels.grpo_loss``."""
-    mask = mask.to(logprobs.dtype)
+              agg="token-mean", loss_type="grpo", rollout_logprobs=None, rollout_correction="none",
+              rollout_cap=2.0, agg_norm_len=None):
+    """GRPO / GSPO / CISPO loss of ``[B, T]`` token log-probs; returns ``(loss, stats)``. See ``kernels.grpo_loss``."""
+    given = mask.to(logprobs.dtype)
+    mask = given if rollout_logprobs is None else rollout_keep(old_logprobs, rollout_logprobs, given,
+                                                               rollout_correction, rollout_cap)
     adv = advantages.to(logprobs.dtype)
     adv = adv.unsqueeze(-1).expand_as(logprobs) if adv.dim() == 1 else adv
     log_ratio = torch.clamp(logprobs - old_logprobs, -20.0, 20.0)
     ratio = torch.exp(log_ratio)
-    pg1 = -adv * ratio
-    pg2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    pg = torch.maximum(pg1, pg2)
-    clipped = pg2 > pg1
-    clipped_dual = torch.zeros_like(clipped)
-    if clip_dual is not None:
-        pg3 = -adv * clip_dual
-        clipped_dual = (pg > pg3) & (adv < 0)
-        pg = torch.where(adv < 0, torch.minimum(pg, pg3), pg)
-    loss = agg_loss(pg, mask, agg)
+    clipped_dual = torch.zeros_like(ratio, dtype=torch.bool)
+    if loss_type == "gspo":  # verl's compute_policy_loss_gspo: one ratio per sequence, token-level gradients
+        seq = ((logprobs - old_logprobs).detach() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        ratio = torch.exp(torch.clamp(logprobs - logprobs.detach() + seq.unsqueeze(-1), max=GSPO_LOG_RATIO_MAX))
+        pg1 = -adv * ratio
+        pg2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+        pg = torch.maximum(pg1, pg2)
+        clipped = pg2 > pg1
+    elif loss_type == "cispo":  # the clipped ratio, detached, weighs the REINFORCE term
+        pg = -torch.clamp(ratio, 1 - clip_low, 1 + clip_high).detach() * adv * logprobs
+        clipped = (ratio < 1 - clip_low) | (ratio > 1 + clip_high)
+    else:
+        pg1 = -adv * ratio
+        pg2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+        pg = torch.maximum(pg1, pg2)
+        clipped = pg2 > pg1
+        if clip_dual is not None:
+            pg3 = -adv * clip_dual
+            clipped_dual = (pg > pg3) & (adv < 0)
+            pg = torch.where(adv < 0, torch.minimum(pg, pg3), pg)
+    weight = torch.ones_like(ratio)
+    if rollout_correction == "tis":  # truncated importance sampling: the policy-gradient term only
+        weight = torch.clamp(torch.exp(old_logprobs - rollout_logprobs), max=rollout_cap).detach()
+        pg = pg * weight
+    loss = agg_loss(pg, mask, "seq-mean-token-mean" if loss_type == "gspo" else agg, agg_norm_len)
     kl = torch.zeros_like(logprobs)
     if ref_logprobs is not None:
         kl = kl_penalty(logprobs, ref_logprobs, kl_type)
-        loss = loss + kl_coef * agg_loss(kl, mask, agg)
+        loss = loss + kl_coef * agg_loss(kl, mask, agg, agg_norm_len)
     if entropy is not None:
-        loss = loss - entropy_coef * agg_loss(entropy, mask, agg)
+        loss = loss - entropy_coef * agg_loss(entropy, mask, agg, agg_norm_len)
 
-    def mean(x):
-        return ((x.detach().to(mask.dtype) * mask).sum() / mask.sum().clamp(min=1)).float()
+    def mean(x, over=mask):
+        return ((x.detach().to(over.dtype) * over).sum() / over.sum().clamp(min=1)).float()
 
     stats = {"clip_frac": mean(clipped), "clip_frac_dual": mean(clipped_dual), "ppo_kl": mean(-log_ratio),
-             "kl": mean(kl), "ratio_mean": mean(ratio)}
+             "kl": mean(kl), "ratio_mean": mean(ratio), "rc_weight_mean": mean(weight),
+             "rc_masked_frac": mean(given - mask, over=given)}
     return loss, stats

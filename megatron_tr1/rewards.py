@@ -5,8 +5,9 @@
 (the seed's regex, ``re.fullmatch`` with DOTALL), overall = (1 - w) * accuracy + w * format. The seed compares
 fractions of ``video_length``; IoU is scale-invariant, so computing it in seconds gives the same number.
 Differences from the seed's code: the seed reads the *first* ``<answer>`` and only JSON; ``parse_answer`` reads the
-*last* one and also ``"s to e"`` / ``"s - e"``. The seed's checked-in weights are 0.9 / 0.1; ``format_weight``
-defaults to 0.5 as the Temporal-R1 write-up states.
+*last* one and also ``"s to e"`` / ``"s - e"``. The seed's released reward (``verl/utils/reward_score/tvg.py`` at
+its released commit) weighs accuracy and format 0.5 / 0.5, our default ``format_weight=0.5``; the 0.9 / 0.1 split
+exists only in a pre-release commit (``format_weight=0.1``).
 """
 from __future__ import annotations
 
@@ -96,3 +97,63 @@ def tvg_reward_distance(response: str, gt: Span, duration: float, format_weight:
 
 RewardFn = Callable[..., dict[str, float]]
 REWARDS: dict[str, RewardFn] = {"tvg": tvg_reward, "tvg_no_think": tvg_reward_no_think, "tvg_distance": tvg_reward_distance}
+
+
+# videoqa_mc (tasks/videoqa_mc.py): multiple-choice answers, the answer one option letter. Format: the grounding
+# format's shape (think block, then <answer>...</answer>, whole response) with the body a single capital letter,
+# optionally in parentheses ("B" or "(B)"); accuracy: 1 when the letter in the last <answer> equals the key.
+_MC_BODY = r"<answer>\s*\(?[A-Z]\)?\s*</answer>"
+MC_THINK_FORMAT = re.compile(r"<think>.*?</think>\s*" + _MC_BODY, re.DOTALL)
+MC_NO_THINK_FORMAT = re.compile(_MC_BODY, re.DOTALL)
+_MC_LETTER = re.compile(r"\(?([A-Z])\)?")
+
+
+def parse_option(text: str) -> str | None:
+    """The option letter in the last ``<answer>...</answer>`` of ``text`` (``"B"`` or ``"(B)"``), or None."""
+    answers = _ANSWER.findall(text or "")
+    match = _MC_LETTER.fullmatch(answers[-1].strip()) if answers else None
+    return match.group(1) if match else None
+
+
+def _mc_reward(response: str, gt: str, format_re: re.Pattern, format_weight: float) -> dict[str, float]:
+    if not (isinstance(gt, str) and len(gt) == 1 and gt.isupper()):
+        raise ValueError(f"videoqa_mc ground truth must be one option letter A-Z, got {gt!r}")
+    accuracy = 1.0 if parse_option(response) == gt else 0.0
+    fmt = 1.0 if format_re.fullmatch(response or "") else 0.0
+    return {"overall": (1.0 - format_weight) * accuracy + format_weight * fmt, "format": fmt, "accuracy": accuracy}
+
+
+def videoqa_mc_reward(response: str, gt: str, duration: float | None = None,
+                      format_weight: float = 0.5) -> dict[str, float]:
+    """Multiple-choice reward (with think): ``gt`` is the correct option's letter; ``duration`` is unused."""
+    return _mc_reward(response, gt, MC_THINK_FORMAT, format_weight)
+
+
+def videoqa_mc_reward_no_think(response: str, gt: str, duration: float | None = None,
+                               format_weight: float = 0.5) -> dict[str, float]:
+    """Like ``videoqa_mc_reward`` but the format is the ``<answer>`` alone, without a think block."""
+    return _mc_reward(response, gt, MC_NO_THINK_FORMAT, format_weight)
+
+
+REWARDS.update({"videoqa_mc": videoqa_mc_reward, "videoqa_mc_no_think": videoqa_mc_reward_no_think})
+
+
+def tvg_reward_timer1(response: str, gt: Span, duration: float, format_weight: float = 0.5) -> dict[str, float]:
+    """Time-R1's reward (its ``iou_timestamp_reward_v2``): accuracy ``IoU * (1 - |s - s*| / T) * (1 - |e - e*| / T)``
+    with ``T`` the video's duration in seconds (floored at 0: an answer reaching outside the video can make one factor
+    negative), plus the usual format term (``tvg_reward``'s think format): overall ``(1 - w) * accuracy + w * format``.
+    Time-R1 adds its two terms; at ``w = 0.5`` that is twice ours, so GRPO's std-normalised advantages are the same.
+    Same numbers as ``tvg_distance`` when a duration is given; this one raises without one (``safe_reward`` then
+    scores 0 and counts it) instead of falling back to plain IoU."""
+    if duration is None or not duration > 0:
+        raise ValueError(f"tvg_timer1 needs the video's duration in seconds (> 0), got {duration!r}")
+    out = tvg_reward(response, gt, duration, format_weight)
+    span = parse_answer(response)
+    if span is not None and out["accuracy"] > 0:
+        factors = (1 - abs(span[0] - gt[0]) / duration) * (1 - abs(span[1] - gt[1]) / duration)
+        out["accuracy"] *= max(factors, 0.0)
+        out["overall"] = (1.0 - format_weight) * out["accuracy"] + format_weight * out["format"]
+    return out
+
+
+REWARDS["tvg_timer1"] = tvg_reward_timer1

@@ -399,6 +399,20 @@ def test_eval_sh_needs_an_hf_folder(stub_tr1, tmp_path):
     assert r.returncode == 2 and "config.json" in r.stderr and not log.exists()
 
 
+def test_eval_sh_runs_the_seeds_protocols(stub_tr1, tmp_path):
+    env, log = stub_tr1
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    r = subprocess.run(["bash", str(EXAMPLES / "eval.sh"), str(model)], env={**env, "MODES": "custom r1",
+                       "DATASETS": "charades_sta_test"}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = log.read_text().splitlines()
+    assert [c.split("--protocol ")[1].split()[:3] for c in calls] == [["custom", "--max-tokens", "4096"],
+                                                                      ["r1", "--max-tokens", "4096"]]
+    assert not any("--parser" in c or "--no-think" in c for c in calls)
+
+
 def test_data_configs_named_by_eval_sh_exist():
     text = (EXAMPLES / "eval.sh").read_text()
     names = re.search(r"DATASETS=\$\{DATASETS:-([^}]*)\}", text).group(1).split()

@@ -20,10 +20,11 @@ ALLOWED = {
     "demo": LEAVES | {"data"},
     "rollout": LEAVES | {"data", "models", "convert", "distributed", "torchvision_cpu"},
     "eval": LEAVES | {"data", "models", "convert", "rollout", "rewards"},
+    "tasks": LEAVES | {"data", "rewards", "eval"},
     "rl": LEAVES | {"data", "models", "convert", "rollout", "eval", "rewards", "distributed", "launch", "demo",
-                    "plan"},
+                    "plan", "tasks"},
     "selftest": LEAVES | {"data", "models", "convert", "rollout", "eval", "rewards", "distributed", "launch",
-                         "demo", "rl"},
+                         "demo", "rl", "tasks"},
     "cli": LEAVES | {"selftest", "rl", "eval", "convert", "data", "plan"},
 }
 

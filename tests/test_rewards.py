@@ -108,8 +108,34 @@ def test_distance_variant_penalises_boundary_errors_relative_to_the_duration():
     assert tvg_reward_distance(GOOD, (1.5, 4.5), 10.0)["overall"] == 1.0
 
 
+def test_timer1_reward_on_hand_computed_values():
+    from megatron_tr1.rewards import tvg_reward_timer1
+    from megatron_tr1.rl.guards import safe_reward
+
+    assert REWARDS["tvg_timer1"] is tvg_reward_timer1
+    # gt 2-6 s of a 10 s video, answer 3-7 s: IoU 3/5, boundary factors (1 - 1/10) each
+    response = '<think>x</think><answer>{"start_time": "3", "end_time": "7"}</answer>'
+    out = tvg_reward_timer1(response, (2.0, 6.0), 10.0)
+    assert out["accuracy"] == pytest.approx(0.6 * 0.9 * 0.9) and out["format"] == 1.0
+    assert out["overall"] == pytest.approx(0.5 * 0.486 + 0.5)
+    # the same span in a 40 s video: boundary errors are smaller relative to T
+    assert tvg_reward_timer1(response, (2.0, 6.0), 40.0)["accuracy"] == pytest.approx(0.6 * 0.975 * 0.975)
+    # no think block: format 0, accuracy unchanged; weight 0.1
+    bare = '<answer>{"start_time": "3", "end_time": "7"}</answer>'
+    assert tvg_reward_timer1(bare, (2.0, 6.0), 10.0, format_weight=0.1) == pytest.approx(
+        {"overall": 0.9 * 0.486, "format": 0.0, "accuracy": 0.486})
+    # an answer reaching 15 s before a 10 s video: start factor 1 - 15/10 < 0, floored at 0
+    early = '<think>x</think><answer>{"start_time": "-15", "end_time": "1"}</answer>'
+    assert tvg_reward_timer1(early, (0.0, 2.0), 10.0)["accuracy"] == 0.0
+    assert tvg_reward_timer1(GOOD, (1.5, 4.5), 10.0) == {"overall": 1.0, "format": 1.0, "accuracy": 1.0}
+    assert tvg_reward_timer1("no answer", (1.5, 4.5), 10.0)["overall"] == 0.0
+    with pytest.raises(ValueError, match="tvg_timer1 needs the video's duration"):
+        tvg_reward_timer1(GOOD, (1.5, 4.5), None)
+    assert safe_reward(tvg_reward_timer1, GOOD, (1.5, 4.5), 0.0)[1]  # counted as failed, scored 0
+
+
 def test_registry_names_callables_with_the_common_signature():
     assert {"tvg", "tvg_no_think"} <= set(REWARDS)
-    for fn in REWARDS.values():
-        out = fn(GOOD, (1.5, 4.5), 10.0)
+    for name, fn in REWARDS.items():  # each with its task's ground truth: a span, or an option letter
+        out = fn(GOOD, "B" if name.startswith("videoqa_mc") else (1.5, 4.5), 10.0)
         assert set(out) == {"overall", "format", "accuracy"}

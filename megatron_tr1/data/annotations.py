@@ -5,15 +5,23 @@ Formats (``format="auto"`` sniffs them):
   "id"?}``. ``video`` is relative to the data folder; ``solution`` is ``[start, end]`` as *fractions of the video
   length* (the seed's reward divides the answer by ``video_length`` before comparing), so seconds =
   fraction * ``video_length``, or * the container's ``total_frames / fps`` when the record has no ``video_length``
-  (what qwen-vl-utils' frame sampling makes of it). ``problem`` is the question; the query is the quoted caption
-  of ``Give the query: "...", when does...`` when it has that form, else the whole problem.
+  (what qwen-vl-utils' frame sampling makes of it). ``video_length="frames"`` takes that container length even
+  where the record has a ``video_length``, as the seed's training data loader does for Charades (``"auto"``, the
+  default, does so for records of its ``charades_train`` dataset only; ``"json"`` never). ``problem`` is the
+  question, kept verbatim (``Sample.problem``: the training prompt's text); the query is the quoted caption of
+  ``Give the query: "...", when does...`` when it has that form, else the whole problem.
+- ``lmms-tvg``: lmms-eval's temporal-grounding layout (the seed's test sets: ``lmms-lab/charades_sta``, its own
+  ActivityNet set ``appletea2333/activity_tvg``), a JSON list (or ``.jsonl``) of ``{"video", "caption",
+  "timestamp": [start, end]}`` in seconds, videos under the data folder.
 - ``charades-sta``: text lines ``vid start end##sentence`` (seconds), videos ``<data_folder>/<vid>.mp4``.
 - ``activitynet``: ActivityNet-Captions JSON ``{vid: {duration, timestamps: [[s, e], ...], sentences: [...]}}``;
   the video is ``<vid>`` with or without the ``v_`` prefix, ``.mp4`` / ``.mkv`` / ``.webm``, whichever exists.
 
 Problems with the file itself (missing, empty, malformed JSON, unknown layout) always raise ``DataError``. Problems
 with one record raise it too in strict mode; in lenient mode (training runs) the record is skipped and counted by
-reason, and ``Annotations.summary()`` gives the one-line warning.
+reason, and ``Annotations.summary()`` gives the one-line warning. With ``labels="verbatim"`` (evaluation) every
+label is kept as written, as the seed's evaluation reads it (no clipping, no check against the duration, start >
+end kept): such labels are counted in ``Annotations.notes`` instead, so ``n`` is the whole test set.
 """
 from __future__ import annotations
 
@@ -28,7 +36,10 @@ from typing import Iterator
 
 from megatron_tr1.errors import DataError
 
-FORMATS = ("temporal-r1", "charades-sta", "activitynet")
+FORMATS = ("temporal-r1", "charades-sta", "activitynet", "lmms-tvg")
+LABEL_MODES = ("checked", "verbatim")
+VIDEO_LENGTHS = ("auto", "json", "frames")
+CHARADES_TRAIN = "charades_train"  # the seed takes this dataset's video length from the decoded frames
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi")
 END_TOLERANCE_S = 0.5  # an end up to this far past the duration is clipped to it (encoders round the length)
 _QUERY_IN_PROBLEM = re.compile(r'\s*Give the query:\s*"(.*)",\s*when does the described content occur', re.DOTALL)
@@ -38,7 +49,8 @@ _QUERY_IN_PROBLEM = re.compile(r'\s*Give the query:\s*"(.*)",\s*when does the de
 class Sample:
     """One grounding query: ``video`` (absolute path), ``query``, ground truth ``start``/``end`` in seconds,
     ``duration`` in seconds (None if unknown), source ``dataset`` name and a stable ``id`` (``<video>#<k>``, the
-    k-th query on that video in its file; ``<record id>#k`` where a Temporal-R1 record has an ``id``)."""
+    k-th query on that video in its file; ``<record id>#k`` where a Temporal-R1 record has an ``id``);
+    ``problem``: a Temporal-R1 record's question text, verbatim (None in the other formats)."""
 
     video: str
     query: str
@@ -47,6 +59,9 @@ class Sample:
     duration: float | None
     dataset: str
     id: str
+    problem: str | None = None
+    task: str = "temporal_grounding"  # megatron_tr1.tasks: how it is prompted, rewarded and scored
+    answer: str | None = None  # videoqa_mc: the correct option's letter (start/end: the clip, 0/0 = whole video)
 
     @property
     def gt(self) -> tuple[float, float]:
@@ -55,16 +70,23 @@ class Sample:
 
 @dataclasses.dataclass
 class Annotations:
-    """Loaded samples plus the records skipped in lenient mode (``skipped``: reason -> count) out of ``total``."""
+    """Loaded samples plus the records skipped in lenient mode (``skipped``: reason -> count) out of ``total``, and
+    (``labels="verbatim"``) the kept labels a checked load would refuse (``notes``: reason -> count)."""
 
     samples: list[Sample]
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     total: int = 0
+    notes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     def extend(self, other: "Annotations") -> None:
         self.samples.extend(other.samples)
         self.skipped.update(other.skipped)
+        self.notes.update(other.notes)
         self.total += other.total
+
+    def notes_summary(self) -> str:
+        """``"kept as written: 2 start > end, 1 end past the duration"``, or ``""``."""
+        return "kept as written: " + ", ".join(f"{n} {r}" for r, n in self.notes.most_common()) if self.notes else ""
 
     def summary(self) -> str:
         """``"skipped 3 of 1200 samples: 2 missing video, 1 start > end"``, or ``""`` when nothing was skipped."""
@@ -93,16 +115,23 @@ class _Raw:
     dataset: str
     key: str  # id prefix (video name)
     fractions: bool = False  # start/end are fractions of the duration
+    problem: str | None = None
+    frames_length: bool = False  # the duration is the container's frames / fps even where the record gives one
 
 
 def load_annotations(
-    path: str | Path, data_folder: str | Path, format: str = "auto", strict: bool = True, check_videos: bool = True
+    path: str | Path, data_folder: str | Path, format: str = "auto", strict: bool = True, check_videos: bool = True,
+    labels: str = "checked", video_length: str = "auto",
 ) -> Annotations:
     """Read one annotation file; videos are looked up under ``data_folder``.
 
     ``check_videos`` checks at load that each video exists (and reads its length from the container where the
     file gives none). Strict mode raises ``DataError`` on the first bad record; lenient mode skips and counts it.
+    ``labels``: ``checked`` (training) or ``verbatim`` (evaluation); ``video_length``: see the module docstring.
     """
+    if labels not in LABEL_MODES or video_length not in VIDEO_LENGTHS:
+        raise ValueError(f"labels={labels!r} / video_length={video_length!r}: choose from {LABEL_MODES} / "
+                         f"{VIDEO_LENGTHS}")
     path, folder = Path(path), Path(data_folder)
     if not path.is_file():
         raise DataError(f"annotation file {str(path)!r} does not exist")
@@ -115,14 +144,17 @@ def load_annotations(
     fmt = sniff_format(path, text) if format == "auto" else format
     if fmt not in FORMATS:
         raise DataError(f"{path}: unknown annotation format {format!r}; choose from auto, {', '.join(FORMATS)}")
-    reader = {"temporal-r1": _read_temporal_r1, "charades-sta": _read_charades, "activitynet": _read_activitynet}[fmt]
+    reader = {"temporal-r1": _read_temporal_r1, "charades-sta": _read_charades, "activitynet": _read_activitynet,
+              "lmms-tvg": _read_lmms_tvg}[fmt]
     out, seen, durations = Annotations([]), collections.Counter(), {}
     for raw in reader(path, text, folder):
         out.total += 1
         try:
             if isinstance(raw, _Skip):
                 raise raw
-            sample = _finish(raw, check_videos, seen, durations)
+            if raw.fractions and video_length != "auto":
+                raw.frames_length = video_length == "frames"
+            sample = _finish(raw, check_videos, seen, durations, out.notes if labels == "verbatim" else None)
         except _Skip as e:
             if strict:
                 raise DataError(str(e)) from None
@@ -135,11 +167,15 @@ def load_annotations(
 
 
 def sniff_format(path: Path, text: str) -> str:
-    """``charades-sta`` for text lines, ``temporal-r1`` for a JSON list or ``.jsonl``, ``activitynet`` for a
-    JSON object of per-video objects. A leading UTF-8 byte-order mark is skipped."""
-    head = text.lstrip("\ufeff \t\r\n")[:1]
+    """``charades-sta`` for text lines, ``temporal-r1`` (or ``lmms-tvg`` when the first record has ``caption`` and
+    ``timestamp``) for a JSON list or ``.jsonl``, ``activitynet`` for a JSON object of per-video objects. A leading
+    UTF-8 byte-order mark is skipped."""
+    body = text.lstrip("\ufeff \t\r\n")
+    head = body[:1]
     if path.suffix == ".jsonl" or head == "[":
-        return "temporal-r1"
+        first = re.match(r'\[?\s*\{[^{}]*\}', body)
+        return "lmms-tvg" if first and '"caption"' in first.group(0) and '"timestamp"' in first.group(0) \
+            else "temporal-r1"
     if head == "{":
         return "activitynet"
     return "charades-sta"
@@ -186,7 +222,8 @@ def _require(record, fields: tuple[str, ...], where: str) -> None:
             raise _Skip("missing field", f"{where}: missing field {name!r} (has: {', '.join(sorted(record)) or 'none'})")
 
 
-def _read_temporal_r1(path: Path, text: str, folder: Path) -> Iterator[_Raw | _Skip]:
+def _json_records(path: Path, text: str, layout: str) -> tuple[list, list[str]]:
+    """The records of a JSON list or ``.jsonl`` file, and where each is (for messages)."""
     if path.suffix == ".jsonl":
         records, wheres = [], []
         for line_no, line in enumerate(text.splitlines(), 1):
@@ -196,9 +233,13 @@ def _read_temporal_r1(path: Path, text: str, folder: Path) -> Iterator[_Raw | _S
     else:
         records = _load_json(path, text)
         if not isinstance(records, list):
-            raise DataError(f"{path}: Temporal-R1 annotations must be a JSON list of records, got {type(records).__name__}")
+            raise DataError(f"{path}: {layout} annotations must be a JSON list of records, got {type(records).__name__}")
         wheres = [f"{path} record {i}" for i in range(len(records))]
-    for record, where in zip(records, wheres):
+    return records, wheres
+
+
+def _read_temporal_r1(path: Path, text: str, folder: Path) -> Iterator[_Raw | _Skip]:
+    for record, where in zip(*_json_records(path, text, "Temporal-R1")):
         try:
             _require(record, ("video", "problem", "solution"), where)
             start, end = _span(record["solution"], "solution", where)
@@ -209,9 +250,22 @@ def _read_temporal_r1(path: Path, text: str, folder: Path) -> Iterator[_Raw | _S
             video = _text(record["video"], "video", where)
             problem = _text(record["problem"], "problem", where)
             match = _QUERY_IN_PROBLEM.match(problem)
+            dataset = str(record.get("dataset") or path.stem)
             yield _Raw(where, [str(folder / video)], match.group(1) if match else problem,
-                       start, end, duration, str(record.get("dataset") or path.stem),
-                       str(record.get("id") or Path(video).stem), fractions=True)
+                       start, end, duration, dataset, str(record.get("id") or Path(video).stem), fractions=True,
+                       problem=str(record["problem"]), frames_length=dataset == CHARADES_TRAIN)
+        except _Skip as e:
+            yield e
+
+
+def _read_lmms_tvg(path: Path, text: str, folder: Path) -> Iterator[_Raw | _Skip]:
+    for record, where in zip(*_json_records(path, text, "lmms-eval temporal-grounding")):
+        try:
+            _require(record, ("video", "caption", "timestamp"), where)
+            start, end = _span(record["timestamp"], "timestamp", where)
+            video = _text(record["video"], "video", where)
+            yield _Raw(where, [str(folder / video)], _text(record["caption"], "caption", where), start, end, None,
+                       str(record.get("dataset") or path.stem), Path(video).stem)
         except _Skip as e:
             yield e
 
@@ -264,8 +318,10 @@ def _read_activitynet(path: Path, text: str, folder: Path) -> Iterator[_Raw | _S
                        "activitynet", vid)
 
 
-def _finish(raw: _Raw, check_videos: bool, seen: collections.Counter, durations: dict[str, float]) -> Sample:
-    """Validate one record, resolve its video and convert its span to seconds (``durations`` caches probes)."""
+def _finish(raw: _Raw, check_videos: bool, seen: collections.Counter, durations: dict[str, float],
+            notes: collections.Counter | None = None) -> Sample:
+    """Validate one record, resolve its video and convert its span to seconds (``durations`` caches probes).
+    With ``notes`` (verbatim labels) a label a checked load refuses is kept as written and counted there."""
     seen[raw.key] += 1
     sample_id = f"{raw.key}#{seen[raw.key] - 1}"
     video = next((v for v in raw.videos if os.path.isfile(v)), None)
@@ -274,7 +330,7 @@ def _finish(raw: _Raw, check_videos: bool, seen: collections.Counter, durations:
         raise _Skip("missing video", f"{raw.where}: video file {raw.videos[0]!r} does not exist{others}")
     video = os.path.abspath(video or raw.videos[0])
     duration = raw.duration
-    if duration is None and check_videos:
+    if (duration is None or raw.frames_length) and check_videos:
         if video not in durations:
             from megatron_tr1.data.video import probe_video  # here: video.py imports torch (seconds) at load
 
@@ -285,6 +341,8 @@ def _finish(raw: _Raw, check_videos: bool, seen: collections.Counter, durations:
             durations[video] = info.total_frames / info.video_fps
         duration = durations[video]
     start, end = raw.start, raw.end
+    if notes is not None:
+        return _verbatim(raw, video, duration, sample_id, notes)
     if raw.fractions:
         if max(start, end) > 1.0 + 1e-3:
             raise _Skip("beyond duration", f"{raw.where}: solution [{start}, {end}] is past 1.0; Temporal-R1 JSON "
@@ -304,4 +362,23 @@ def _finish(raw: _Raw, check_videos: bool, seen: collections.Counter, durations:
             raise _Skip("beyond duration", f"{raw.where}: [{start:g}, {end:g}] s is beyond the video duration "
                                            f"{duration:g} s (tolerance {END_TOLERANCE_S} s)")
         end = min(end, duration)
-    return Sample(video, raw.query, start, end, duration, raw.dataset, sample_id)
+    return Sample(video, raw.query, start, end, duration, raw.dataset, sample_id, raw.problem)
+
+
+def _verbatim(raw: _Raw, video: str, duration: float | None, sample_id: str, notes: collections.Counter) -> Sample:
+    """The label as written (fractions times the duration), counting what a checked load would refuse."""
+    start, end = raw.start, raw.end
+    if raw.fractions:
+        if duration is None:
+            raise _Skip("unknown duration", f"{raw.where}: solution is in fractions of the video length, but the record "
+                                            "has no video_length and the video was not read; add video_length")
+        start, end = start * duration, end * duration
+    if start > end:
+        notes["start > end"] += 1
+    elif start == end:
+        notes["empty span"] += 1
+    if min(start, end) < 0:
+        notes["negative time"] += 1
+    if duration is not None and max(start, end) > duration:
+        notes["end past the duration"] += 1
+    return Sample(video, raw.query, start, end, duration, raw.dataset, sample_id, raw.problem)

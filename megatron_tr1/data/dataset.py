@@ -5,10 +5,15 @@ datasets:
   - json_path: train.json          # annotation file; relative paths are relative to this YAML's folder
     data_folder: videos            # where the videos are
     sampling_strategy: all         # all | first:N | end:N | random:N | N% (= random:N%); N may be "N%" everywhere
-    format: auto                   # auto | temporal-r1 | charades-sta | activitynet
+    format: auto                   # auto | temporal-r1 | charades-sta | activitynet | lmms-tvg | mvbench
+    task: auto                     # auto (from the format: mvbench -> videoqa_mc, else temporal_grounding) or a
+                                   # task name (megatron_tr1.tasks.TASKS)
+    video_length: auto             # Temporal-R1 JSON: auto | json | frames (the container's frames / fps; auto:
+                                   # frames for the seed's charades_train records, as its data loader does)
 ```
 Sampling is applied to the valid samples of each entry; ``random`` is deterministic for a seed. Percentages round
-up (``ceil(N * len / 100)``), as the seed does.
+up (``ceil(N * len / 100)``), as the seed does. ``load_samples(..., labels="verbatim")`` (evaluation) keeps every
+label as written and reports the ones a training load would skip (``data.annotations``).
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ import re
 from pathlib import Path
 
 from megatron_tr1.config import from_dict, load_yaml
-from megatron_tr1.data.annotations import FORMATS, Annotations, Sample, load_annotations
+from megatron_tr1.data import videoqa
+from megatron_tr1.data.annotations import FORMATS, VIDEO_LENGTHS, Annotations, Sample, load_annotations
 from megatron_tr1.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -36,6 +42,8 @@ class DatasetEntry:
     data_folder: str = ""
     sampling_strategy: str = "all"
     format: str = "auto"
+    video_length: str = "auto"
+    task: str = "auto"
 
 
 @dataclasses.dataclass
@@ -80,8 +88,11 @@ def resolve_data_config(cfg: DataConfig, base_dir: str | Path, where: str = "dat
             parse_strategy(entry.sampling_strategy)
         except ValueError as e:
             raise ConfigError(f"{at}.{e}") from None
-        if entry.format != "auto" and entry.format not in FORMATS:
-            raise ConfigError(f"{at}.format: {entry.format!r} is not one of auto, {', '.join(FORMATS)}")
+        if entry.format not in ("auto", *FORMATS, videoqa.FORMAT):
+            raise ConfigError(f"{at}.format: {entry.format!r} is not one of auto, {', '.join(FORMATS)}, "
+                              f"{videoqa.FORMAT}")
+        if entry.video_length not in VIDEO_LENGTHS:
+            raise ConfigError(f"{at}.video_length: {entry.video_length!r} is not one of {', '.join(VIDEO_LENGTHS)}")
         entries.append(dataclasses.replace(entry, json_path=str(json_path), data_folder=str(folder)))
     return DataConfig(entries)
 
@@ -107,17 +118,26 @@ def _sample(samples: list[Sample], strategy: str, rng: random.Random) -> list[Sa
     return [samples[i] for i in sorted(rng.sample(range(len(samples)), count))]
 
 
-def load_samples(cfg: DataConfig, seed: int = 0, strict: bool = True, check_videos: bool = True) -> Annotations:
+def load_samples(cfg: DataConfig, seed: int = 0, strict: bool = True, check_videos: bool = True,
+                 labels: str = "checked") -> Annotations:
     """Load and sample every dataset of a resolved config (see ``load_data_config``).
 
     Strict mode raises ``DataError`` on the first bad record; lenient mode skips bad records and logs one warning
-    with the counts per reason (also in the returned ``skipped``).
+    with the counts per reason (also in the returned ``skipped``). ``labels="verbatim"``: every label kept as
+    written, the ones a checked load refuses counted in ``notes`` (evaluation).
     """
     out = Annotations([])
     for i, entry in enumerate(cfg.datasets):
-        loaded = load_annotations(entry.json_path, entry.data_folder, entry.format, strict, check_videos)
+        if entry.format == videoqa.FORMAT or (entry.format == "auto" and videoqa.is_mvbench_file(entry.json_path)):
+            loaded = videoqa.load_as_samples(entry.json_path, entry.data_folder, strict, check_videos)
+        else:
+            loaded = load_annotations(entry.json_path, entry.data_folder, entry.format, strict, check_videos,
+                                      labels=labels, video_length=entry.video_length)
+        if entry.task != "auto":  # the name is checked where tasks are known (megatron_tr1.tasks.check_tasks)
+            loaded.samples = [dataclasses.replace(s, task=entry.task) for s in loaded.samples]
         rng = random.Random(f"{seed}:{i}")
-        out.extend(Annotations(_sample(loaded.samples, entry.sampling_strategy, rng), loaded.skipped, loaded.total))
+        out.extend(Annotations(_sample(loaded.samples, entry.sampling_strategy, rng), loaded.skipped, loaded.total,
+                               loaded.notes))
     if out.skipped:
         log.warning(out.summary())
     return out

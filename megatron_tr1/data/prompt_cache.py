@@ -18,22 +18,24 @@ from collections import OrderedDict
 from typing import Sequence
 
 from megatron_tr1.data.annotations import Sample
-from megatron_tr1.data.prompt import RolloutPrompt, build_prompt, encode_prompt
+from megatron_tr1.data.prompt import RolloutPrompt, build_prompt, encode_prompt, user_text
 from megatron_tr1.data.video import sample_frames
 from megatron_tr1.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
-def sample_prompt(sample: Sample, tokenizer, hf_config, video, think: bool) -> RolloutPrompt:
-    """``sample``'s prompt, its frames decoded with the budget ``video`` (``data.video.VideoBudget``)."""
+def sample_prompt(sample: Sample, tokenizer, hf_config, video, think: bool | str) -> RolloutPrompt:
+    """``sample``'s prompt in the mode ``think`` (``data.prompt``: True, False, "r1", "custom"), its frames
+    decoded with the budget ``video`` (``data.video.VideoBudget``)."""
     frames = sample_frames(sample.video, fps=video.fps, min_frames=video.min_frames, max_frames=video.max_frames,
                            total_pixels=video.total_pixels, min_pixels=video.min_pixels)
-    return build_prompt(tokenizer, hf_config, sample.query, frames, think)
+    return build_prompt(tokenizer, hf_config, sample.query, frames, think, sample.problem)
 
 
 class PromptCache:
-    """Prompts of samples in either mode (think / answer only), decoding each video once while it is kept.
+    """Prompts of samples in any mode (``data.prompt``: think, answer only, the seed's evaluation prompts),
+    decoding each video once while it is kept.
 
     A video's frames are decoded on its first prompt; every other prompt on it (the other mode, another query on
     the same video, as Charades-STA has ~2.3 per video) re-encodes only the text and shares the patches. Videos
@@ -46,14 +48,14 @@ class PromptCache:
         self.max_bytes = int(max_gb * 2**30)
         self.nbytes = 0
         self.decodes = 0  # videos decoded so far (a revisit after eviction decodes again)
-        self._videos: OrderedDict[str, dict[tuple[str, bool], RolloutPrompt]] = OrderedDict()
+        self._videos: OrderedDict[str, dict[tuple, RolloutPrompt]] = OrderedDict()
         self.bad: dict[str, str] = {}  # video -> why it could not be decoded
         self.skipped: collections.Counter = collections.Counter()  # samples left out, per reason
 
-    def __call__(self, samples: Sequence[Sample], think: bool) -> list[RolloutPrompt]:
+    def __call__(self, samples: Sequence[Sample], think: bool | str) -> list[RolloutPrompt]:
         return [self.get(s, think) for s in samples]
 
-    def prompts_or_skip(self, samples: Sequence[Sample], think: bool) -> list[RolloutPrompt | None]:
+    def prompts_or_skip(self, samples: Sequence[Sample], think: bool | str) -> list[RolloutPrompt | None]:
         """``get`` for each sample, None for one whose video cannot be decoded (warned once per video, counted in
         ``skipped`` per reason)."""
         out = []
@@ -69,31 +71,33 @@ class PromptCache:
                 out.append(None)
         return out
 
-    def get(self, sample: Sample, think: bool) -> RolloutPrompt:
-        key = (sample.query, think)
+    def get(self, sample: Sample, think: bool | str) -> RolloutPrompt:
+        key = (user_text(sample.query, think, sample.problem), think)
+        origin = (str(sample.video), sample.query, think, sample.problem)
         if str(sample.video) in self.bad:
             raise DataError(self.bad[str(sample.video)])
         prompts = self._videos.get(str(sample.video))
         if prompts is None:
             prompt = sample_prompt(sample, self.tokenizer, self.hf_config, self.video, think)
-            prompt = dataclasses.replace(prompt, key=(str(sample.video), sample.query, think))
+            prompt = dataclasses.replace(prompt, key=origin)
             self.decodes += 1
             self._keep(str(sample.video), key, prompt)
             return prompt
         self._videos.move_to_end(str(sample.video))
         if key not in prompts:
             prompts[key] = dataclasses.replace(
-                prompt_in_mode(next(iter(prompts.values())), sample.query, self.tokenizer, think),
-                key=(str(sample.video), sample.query, think))
+                prompt_in_mode(next(iter(prompts.values())), sample.query, self.tokenizer, think, sample.problem),
+                key=origin)
         return prompts[key]
 
     def from_key(self, key: tuple) -> RolloutPrompt:
-        """The prompt a ``RolloutPrompt.key`` names (``(video, query, think)``), built here as ``get`` builds it."""
-        video, query, think = key
+        """The prompt a ``RolloutPrompt.key`` names (``(video, query, think, problem)``), built here as ``get``
+        builds it."""
+        video, query, think, problem = key
         return self.get(Sample(video=video, query=query, start=0.0, end=0.0, duration=None, dataset="",
-                               id=f"{video}#{query}"), think)
+                               id=f"{video}#{query}", problem=problem), think)
 
-    def _keep(self, video: str, key: tuple[str, bool], prompt: RolloutPrompt) -> None:
+    def _keep(self, video: str, key: tuple, prompt: RolloutPrompt) -> None:
         size = _nbytes(prompt)
         if size > self.max_bytes:  # never kept: keep what is there
             return
@@ -110,7 +114,8 @@ def _nbytes(prompt: RolloutPrompt) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def prompt_in_mode(prompt: RolloutPrompt, query: str, tokenizer, think: bool) -> RolloutPrompt:
-    """``prompt``'s frames and patches with the text of ``query`` in the ``think`` (or answer-only) mode."""
-    ids = encode_prompt(tokenizer, query, prompt.video, think)["input_ids"][0].tolist()
+def prompt_in_mode(prompt: RolloutPrompt, query: str, tokenizer, think: bool | str,
+                   problem: str | None = None) -> RolloutPrompt:
+    """``prompt``'s frames and patches with the text of ``query`` (or ``problem``) in the mode ``think``."""
+    ids = encode_prompt(tokenizer, query, prompt.video, think, problem)["input_ids"][0].tolist()
     return dataclasses.replace(prompt, input_ids=ids)

@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from megatron_tr1.data.synthetic_mc import write_mc_split
 from megatron_tr1.data.video import write_video
 from megatron_tr1.errors import ConfigError
 
@@ -63,6 +64,7 @@ SPLITS = {
     "pretrain": (3, tuple(LOOKS)),
 }
 DURATION = (4.0, 4.0)  # seconds, every split
+MC_SPLITS = ("train", "test", "ood")  # each also gets mc_<split>.yaml: multiple-choice questions on its videos
 _POOL_MIN_VIDEOS = 256  # with workers=None, fewer videos are written in this process
 
 
@@ -177,6 +179,8 @@ def generate(out: str | Path, num: int, seed: int = 0, codec: str = "h264", size
         (out / f"{split}.json").write_text(json.dumps(recs, indent=1) + "\n", encoding="utf-8")
         config = {"datasets": [{"json_path": f"{split}.json", "data_folder": "videos", "sampling_strategy": "all"}]}
         (out / f"{split}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        if split in MC_SPLITS and recs:  # multiple-choice questions on the same videos (data.synthetic_mc)
+            write_mc_split(out, recs, split, seed)
     meta = {"seed": seed, "codec": codec, "size": size, "videos": counts, "fps_choices": list(FPS_CHOICES),
             "duration_s": list(duration), "splits": {s: {"event_kinds": list(k)} for s, (_, k) in SPLITS.items()},
             "queries": {k: list(v) for k, v in EVENTS.items()}}
@@ -210,6 +214,9 @@ Each video has one event during a known span; a grey square drifts around all th
 Annotations are Temporal-R1 JSON: solution = [start, end] as fractions of video_length (seconds = fraction *
 video_length). train.yaml / test.yaml / ood.yaml are data configs for `tr1 eval --data` and training.
 meta.json lists every generator setting and query phrasing.
+mc_train.yaml / mc_test.yaml / mc_ood.yaml: multiple-choice questions on the same videos in MVBench's layout
+(mc_<split>/which_event.json: which event happens, 4 options; mc_<split>/when_event.json: in which third of the
+video), task videoqa_mc: `tr1 eval --task mvbench --data mc_test.yaml`, and training data for that task.
 """
 
 

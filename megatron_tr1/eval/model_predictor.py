@@ -1,6 +1,7 @@
 """A model as an ``eval.evaluate.Predictor``: greedy decoding of the grounding prompt through a rollout engine.
 
-``EnginePredictor(engine, cache, think)`` takes each sample's Temporal-R1 prompt (think or answer-only) from a
+``EnginePredictor(engine, cache, think)`` takes each sample's prompt in the mode ``think`` (``data.prompt``: the
+training prompts with think (True) or answer-only (False), or the seed's evaluation prompts "r1" / "custom") from a
 ``data.prompt_cache.PromptCache`` (frames decoded with the training budget, ``data.video.VideoBudget``, once while kept)
 and asks the engine for one greedy response per prompt, a batch at a time (only a batch's videos need be in
 memory). The trainer evaluates each stage with it (both modes share the trainer's cache); ``tr1 eval --model DIR``
@@ -25,7 +26,7 @@ class EnginePredictor:
     video cannot be decoded is a ``DataError`` naming the file, or with ``lenient`` a None answer (skipped: warned
     once per video and counted in ``cache.skipped``)."""
 
-    def __init__(self, engine, cache: PromptCache, think: bool = True, max_tokens: int = 256,
+    def __init__(self, engine, cache: PromptCache, think: bool | str = True, max_tokens: int = 256,
                  batch_size: int = 32, name: str = "model", progress: bool = True, lenient: bool = False):
         self.engine, self.cache, self.think, self.max_tokens = engine, cache, think, max_tokens
         self.batch_size, self.name, self.progress, self.lenient = batch_size, name, progress, lenient
@@ -51,7 +52,7 @@ class EnginePredictor:
         return texts
 
 
-def load_model_predictor(model_dir: str | Path, engine_kind: str, video, think: bool, max_tokens: int,
+def load_model_predictor(model_dir: str | Path, engine_kind: str, video, think: bool | str, max_tokens: int,
                          name: str | None = None, backend=None, key: str = "--model", lenient: bool = False
                          ) -> EnginePredictor:
     """A predictor for an HF folder or a tr1 Megatron checkpoint folder (``tr1_mcore.json``; exported to a

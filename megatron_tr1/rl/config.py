@@ -174,7 +174,11 @@ class AlgorithmConfig:
     kl_type: Literal["k1", "k2", "low_var_kl"] = "low_var_kl"
     kl_in_reward: bool = False  # True: reward - kl_coef * sum KL, no KL term in the loss
     entropy_coef: float = 1e-3
-    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
+    agg_scope: Literal["update", "micro-batch"] = "update"  # micro-batch: EasyR1's (agg per micro-batch, averaged)
+    loss_type: Literal["grpo", "gspo", "cispo"] = "grpo"  # see kernels.grpo_loss (gspo: clip_low/high 3e-4/4e-4)
+    rollout_correction: Literal["none", "tis", "mis", "seq-mis"] = "none"  # engine-vs-trainer log-prob gap
+    rollout_cap: float = 2.0
     dynamic_sampling: bool = True  # drop groups whose rewards are all equal, refill from the next prompts
     max_sampling_tries: int = 4  # rollout batches per step at most, when dynamic_sampling
     overlong_filter: bool = False  # mask responses cut at max_tokens (no <|im_end|>)
@@ -190,6 +194,10 @@ class AlgorithmConfig:
             raise ConfigError(f"clip_low={self.clip_low} must be < 1 (the ratio is clipped to [1 - clip_low, ...])")
         if self.clip_dual is not None and self.clip_dual <= 1:
             raise ConfigError(f"clip_dual={self.clip_dual} must be > 1 (or null to disable dual clip)")
+        if self.clip_dual is not None and self.loss_type != "grpo":
+            raise ConfigError(f"clip_dual={self.clip_dual} is for loss_type=grpo only, not {self.loss_type}: set null")
+        if not self.rollout_cap > 1:  # also refuses nan
+            raise ConfigError(f"rollout_cap={self.rollout_cap!r} must be > 1 (algorithm.rollout_correction's bound)")
         for name in ("reward", "reward_no_think"):
             if getattr(self, name) not in REWARDS:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {sorted(REWARDS)}")
@@ -312,6 +320,9 @@ class EvalConfig:
     max_samples: int = 0  # 0: all
     every: int = 0  # steps between evaluations during training; 0: only at the end
     parser: Literal["answer", "lmms-eval"] = "answer"
+    # also score each stage's final weights under the seed's protocols (eval.protocols): base and sft with its
+    # custom inference, grpo with custom and R1 inference (the rows of the seed's table); results.json "protocols"
+    seed_protocols: bool = True
 
     def __post_init__(self):
         _positive(self, "max_samples", "every", allow_zero=True)

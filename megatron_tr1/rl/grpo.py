@@ -9,9 +9,11 @@
    reward, the old policy *is* the policy being updated: its log-probs are taken, detached, from the update's
    own forward instead of a separate pass (as verl does; the ratio is then exactly 1, its gradient unchanged);
 4. advantages: optional KL-in-reward, ``group_advantages``, overlong filtering of the loss mask;
-5. update: for each ``global_batch_size`` slice, ``kernels.grpo_loss`` per micro-batch through megatron-core's
-   forward-backward schedule (each micro-batch's loss weighted by its share of the slice's tokens, so the slice's
-   token-mean is exact), then clipping and the optimizer step;
+5. update: for each ``global_batch_size`` slice, ``kernels.grpo_loss`` per micro-batch (``algorithm.loss_type``,
+   ``rollout_correction`` against the engine's sampled-token log-probs) through megatron-core's forward-backward
+   schedule (``micro_batch_weights``: each micro-batch's loss weighted by its share of the slice's tokens or
+   sequences, so the slice's ``agg`` is exact; or, ``agg_scope=micro-batch``, EasyR1's mean of micro-batch
+   losses), then clipping and the optimizer step;
 6. ``sync_weights`` pushes the new policy into the engine.
 
 Model-parallel notes: micro-batches run through ``get_forward_backward_func`` (at PP=1
@@ -32,7 +34,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 import kernels
-from kernels.reference import kl_penalty
+from kernels.reference import kl_penalty, rollout_keep
 from megatron_tr1.rewards import REWARDS
 from megatron_tr1.rl.advantages import DynamicSampler, group_advantages, kl_penalized_rewards, overlong_keep
 from megatron_tr1.rl.balance import balance_groups
@@ -42,7 +44,7 @@ from megatron_tr1.rl.guards import safe_reward
 from megatron_tr1.rl.prompts import GroundingPrompt
 from megatron_tr1.rl.update import (batch_stats, forward_backward, loss_weights, micro_batches, optimizer_step,
                                     unwrap, zero_grad)
-from megatron_tr1.rl.stats import StepTimer, length_stats, logprob_mismatch, reward_stats
+from megatron_tr1.rl.stats import StepTimer, length_stats, logprob_mismatch, reward_stats, task_reward_stats
 from megatron_tr1.rollout.engine import Response, Sampling, stop_token_id
 from megatron_tr1.rollout.weight_sync import sync_weights
 
@@ -58,7 +60,9 @@ class Group:
 
 
 def score(item: GroundingPrompt, responses: list[Response], reward_fn: Callable, cfg: TrainConfig) -> Group:
-    """Score each response with ``safe_reward(reward_fn, ...)`` (a raising reward scores 0 and is counted)."""
+    """Score each response with ``safe_reward(reward_fn, ...)`` (a raising reward scores 0 and is counted); a
+    prompt of another task than grounding with its own reward (``item.reward``, ``megatron_tr1.tasks``)."""
+    reward_fn = REWARDS[item.reward] if getattr(item, "reward", None) else reward_fn
     scored = [safe_reward(reward_fn, x.text, item.gt, item.duration, format_weight=cfg.algorithm.format_weight)
               for x in responses]
     return Group(item, responses, [s for s, _ in scored], [f for _, f in scored])
@@ -132,8 +136,11 @@ def response_logprobs(model, mbs: list[tuple[list[int], dict]], seqs: list[Token
 
 def old_from_update(num_sequences: int, cfg: TrainConfig) -> bool:
     """Whether the old-policy log-probs come from the update's own forward: one update per step (every
-    sequence in one ``global_batch_size`` slice) and no KL in the reward (which needs them before the update)."""
-    return num_sequences <= cfg.stage_batch("grpo") and not cfg.algorithm.kl_in_reward
+    sequence in one ``global_batch_size`` slice), no KL in the reward (which needs them before the update) and no
+    masked importance sampling weighing the update's micro-batches (their kept tokens depend on them)."""
+    a = cfg.algorithm
+    masking = a.rollout_correction in ("mis", "seq-mis") and a.agg_scope == "update"
+    return num_sequences <= cfg.stage_batch("grpo") and not a.kl_in_reward and not masking
 
 
 def grpo_loss_fn(batch: dict, output, cfg: TrainConfig):
@@ -146,19 +153,44 @@ def grpo_loss_fn(batch: dict, output, cfg: TrainConfig):
         logprobs, old, batch["advantages"], batch["loss_mask"], ref_logprobs=batch.get("ref"),
         clip_low=a.clip_low, clip_high=a.clip_high, clip_dual=a.clip_dual,
         kl_coef=0.0 if a.kl_in_reward else a.kl_coef, kl_type=a.kl_type, entropy=entropy,
-        entropy_coef=a.entropy_coef, agg=a.agg)
+        entropy_coef=a.entropy_coef, agg=a.agg, loss_type=a.loss_type,
+        rollout_logprobs=batch.get("rollout_logprobs"), rollout_correction=a.rollout_correction,
+        rollout_cap=a.rollout_cap, agg_norm_len=cfg.rollout.max_tokens)
     tokens = batch["loss_mask"].sum()
     ent = (entropy.detach() * batch["loss_mask"]).sum() / tokens.clamp(min=1)
     return loss * batch["weight"], {"loss": loss.detach(), "tokens": tokens, "entropy": ent, **stats} | \
         ({"lp": old} if on_policy else {})
 
 
+def micro_batch_weights(batches: list[dict], cfg: TrainConfig) -> list[float]:
+    """Each micro-batch's loss weight in one update. ``algorithm.agg_scope=update``: its share (over data
+    parallel, ``loss_weights``) of the update's loss tokens for ``token-mean``, of its sequences with loss tokens
+    for ``seq-mean-token-mean`` (and GSPO's policy term), of its sequences otherwise; tokens that masked importance
+    sampling drops do not count. The update's loss is then ``agg`` over the whole update, however it is cut.
+    ``micro-batch``: 1 / the number of micro-batches (EasyR1's: ``agg`` within each micro-batch, divided by the
+    accumulation steps; the replicas' gradients are averaged over data parallel either way)."""
+    a = cfg.algorithm
+    if a.agg_scope == "micro-batch":
+        return [1.0 / len(batches)] * len(batches)
+    agg, units = "seq-mean-token-mean" if a.loss_type == "gspo" else a.agg, []
+    for batch in batches:
+        mask = batch["loss_mask"].float()
+        if a.rollout_correction in ("mis", "seq-mis"):
+            mask = rollout_keep(batch["old_logprobs"], batch["rollout_logprobs"], mask, a.rollout_correction,
+                                a.rollout_cap)
+        units.append(float(mask.sum()) if agg == "token-mean" else float((mask.sum(-1) > 0).sum())
+                     if agg == "seq-mean-token-mean" else float(mask.shape[0]))
+    return loss_weights(units)
+
+
 def update(policy, optimizer, seqs, prompts, old, ref, advantages, keep, cfg: TrainConfig, hf_config, pad_id,
-           all_mbs: list[tuple[list[int], dict]] | None = None) -> tuple[dict[str, float], list[torch.Tensor] | None]:
+           all_mbs: list[tuple[list[int], dict]] | None = None, rollout: list[torch.Tensor] | None = None
+           ) -> tuple[dict[str, float], list[torch.Tensor] | None]:
     """One optimizer step per ``global_batch_size`` slice of the sequences; token-means of the loss statistics,
     the largest gradient norm and the number of updates. ``old`` None (one slice only): the old-policy
     log-probs come from the update's forward and are returned per sequence (else None is returned).
-    ``all_mbs``: micro-batches already built over every sequence, reused when the sequences make one slice."""
+    ``all_mbs``: micro-batches already built over every sequence, reused when the sequences make one slice.
+    ``rollout``: the engine's sampled-token log-probs per sequence (``algorithm.rollout_correction``)."""
     a, size = cfg.algorithm, cfg.stage_batch("grpo")
     if old is None and len(seqs) > size:
         raise ValueError(f"{len(seqs)} sequences make more than one update of {size}: old log-probs are needed")
@@ -174,17 +206,19 @@ def update(policy, optimizer, seqs, prompts, old, ref, advantages, keep, cfg: Tr
                 batch["old_logprobs"] = _per_token(old, rows, batch)
             if ref is not None and not a.kl_in_reward:
                 batch["ref"] = _per_token(ref, rows, batch)
+            if a.rollout_correction != "none":
+                batch["rollout_logprobs"] = _per_token(rollout, rows, batch)
             batch["advantages"] = advantages[rows]
-        units = [float(b["loss_mask"].sum()) if a.agg == "token-mean" else len(rows) for rows, b in mbs]
-        for (_, batch), weight in zip(mbs, loss_weights(units)):
+        for (_, batch), weight in zip(mbs, micro_batch_weights([b for _, b in mbs], cfg)):
             batch["weight"] = weight
         zero_grad(policy, optimizer)
         stats += forward_backward(policy, [b for _, b in mbs], lambda b, out: grpo_loss_fn(b, out, cfg),
                                   cfg.rollout.temperature, entropy=True)
         grad_norms.append(optimizer_step(policy, optimizer, cfg.optim.grad_clip))
     tokens = max(float(sum(s["tokens"] for s in stats)), 1.0)
-    out = {k: float(sum(s[k] * s["tokens"] for s in stats)) / tokens
-           for k in ("loss", "kl", "clip_frac", "ppo_kl", "entropy")}
+    keys = ("loss", "kl", "clip_frac", "ppo_kl", "entropy") + \
+        (("rc_weight_mean", "rc_masked_frac") if a.rollout_correction != "none" else ())
+    out = {k: float(sum(s[k] * s["tokens"] for s in stats)) / tokens for k in keys}
     return out | {"grad_norm": max(grad_norms), "updates": len(grad_norms)}, \
         None if old is not None else _responses(slices, stats, seqs)
 
@@ -225,6 +259,7 @@ def grpo_step(policy, optimizer, engine, ref_model, prompts_with_gt: Sequence[Gr
     responses = [x for g in groups for x in g.responses]
     rewards = [x for g in groups for x in g.rewards]
     metrics |= reward_stats(rewards, [f for g in groups for f in g.failed], cfg.rollout.n)
+    metrics |= task_reward_stats([(getattr(g.item, "task", "temporal_grounding"), g.rewards) for g in groups])
     metrics |= length_stats([len(x.token_ids) for x in responses], [x.finish_reason == "length" for x in responses])
     if cfg.optim.balance_tokens and ps.model_parallel_is_initialized():  # whole groups change DP ranks (rl.balance)
         groups, balanced = balance_groups(groups, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
@@ -261,12 +296,13 @@ def grpo_step(policy, optimizer, engine, ref_model, prompts_with_gt: Sequence[Gr
                 "invalid_responses": int((~valid).sum())}
 
     # 5. update
+    sampled = [torch.tensor(x.logprobs, dtype=torch.float32) for x in responses]  # the engine's, per sequence
     with timer("update"):
         update_metrics, update_old = update(policy, optimizer, seqs, prompts, old, ref, advantages, keep & valid,
-                                            cfg, hf_config, pad_id, all_mbs=mbs)
+                                            cfg, hf_config, pad_id, all_mbs=mbs, rollout=sampled)
     metrics |= update_metrics
     old = old if old is not None else update_old
-    sampled = torch.cat([torch.tensor(x.logprobs) for x in responses])
+    sampled = torch.cat(sampled)
     metrics |= logprob_mismatch(sampled, torch.cat(old), torch.cat([v.expand(len(o)) for v, o in zip(valid, old)]))
 
     # 6. weight sync
@@ -274,7 +310,8 @@ def grpo_step(policy, optimizer, engine, ref_model, prompts_with_gt: Sequence[Gr
         engine.wake_up()
         stats = sync_weights(unwrap(policy), hf_config, engine, dtype=engine.dtype,
                              bucket_bytes=cfg.rollout.sync_bucket_bytes)
-    metrics |= {"sync/bytes_sent": stats.bytes_sent, "sync/bytes_received": stats.bytes_received}
+    metrics |= {"sync/bytes_sent": stats.bytes_sent, "sync/bytes_received": stats.bytes_received,
+                "sync/bytes_per_rank": stats.bytes_sent + stats.bytes_received}  # this rank's traffic
     metrics |= rollout_stats(engine, timer)
     return metrics | timer.stats(tokens=sum(len(s) for s in seqs))
 

@@ -10,7 +10,7 @@ videos of the rows, concatenated in row order. GRPO and SFT both build their mic
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -21,34 +21,55 @@ from megatron_tr1.errors import ConfigError
 from megatron_tr1.models.qwen2_5_vl.rope_index import get_rope_index
 from megatron_tr1.rl.batching import TokenSequence, pack_batch, pad_batch, unpack
 from megatron_tr1.rl.config import TrainConfig
+from megatron_tr1.tasks import DEFAULT, get_task
 
 
 @dataclasses.dataclass
 class GroundingPrompt:
-    """A rollout prompt and what the reward compares against: ``gt`` (start, end) seconds, ``duration``."""
+    """A rollout prompt and what the reward compares against: ``gt`` (grounding: (start, end) seconds; other tasks:
+    their ``Task.ground_truth``, e.g. the option letter), ``duration``; ``task``: the sample's task; ``reward``: the
+    ``rewards.REWARDS`` name that scores it, None for temporal_grounding (the stage's ``algorithm.reward`` /
+    ``reward_no_think``)."""
 
     prompt: RolloutPrompt
-    gt: tuple[float, float]
+    gt: Any
     duration: float | None
     query: str
+    task: str = DEFAULT
+    reward: str | None = None
 
 
-def grounding_item(sample: Sample, prompt: RolloutPrompt, max_prompt_tokens: int) -> GroundingPrompt:
-    """``prompt`` with ``sample``'s ground truth; ConfigError when it is longer than ``max_prompt_tokens``."""
+def task_prompts(cache, samples: Sequence[Sample], think: bool) -> list[RolloutPrompt | None]:
+    """``cache.prompts_or_skip`` of ``samples`` in order, each in its task's prompt mode for a ``think`` stage."""
+    out: list[RolloutPrompt | None] = [None] * len(samples)
+    for name in dict.fromkeys(s.task for s in samples):
+        idx = [i for i, s in enumerate(samples) if s.task == name]
+        mode = get_task(name, f"sample {samples[idx[0]].id}").prompt_mode(think)
+        for i, prompt in zip(idx, cache.prompts_or_skip([samples[i] for i in idx], mode)):
+            out[i] = prompt
+    return out
+
+
+def grounding_item(sample: Sample, prompt: RolloutPrompt, max_prompt_tokens: int,
+                   think: bool = True) -> GroundingPrompt:
+    """``prompt`` with ``sample``'s ground truth (and, for a task other than grounding, its reward in a ``think``
+    stage); ConfigError when it is longer than ``max_prompt_tokens``."""
     if len(prompt.input_ids) > max_prompt_tokens:
         raise ConfigError(f"the prompt of sample {sample.id} has {len(prompt.input_ids)} tokens, more than "
                           f"data.max_prompt_tokens={max_prompt_tokens}; raise it or lower "
                           f"data.video.total_pixels / max_frames")
-    return GroundingPrompt(prompt=prompt, gt=sample.gt, duration=sample.duration, query=sample.query)
+    task = get_task(sample.task, f"sample {sample.id}")
+    return GroundingPrompt(prompt=prompt, gt=task.ground_truth(sample), duration=sample.duration, query=sample.query,
+                           task=task.name, reward=None if task.name == DEFAULT else task.reward_name(bool(think)))
 
 
 def grounding_prompt(sample: Sample, cfg: TrainConfig, tokenizer, hf_config, think: bool | None = None
                      ) -> GroundingPrompt:
     """Decode ``sample``'s frames with ``cfg.data.video``'s budget and build its prompt (``think`` defaults
     to ``cfg.algorithm.think``). ConfigError when it is longer than ``data.max_prompt_tokens``."""
-    prompt = sample_prompt(sample, tokenizer, hf_config, cfg.data.video,
-                           cfg.algorithm.think if think is None else think)
-    return grounding_item(sample, prompt, cfg.data.max_prompt_tokens)
+    think = cfg.algorithm.think if think is None else think
+    prompt = sample_prompt(sample, tokenizer, hf_config, cfg.data.video, get_task(sample.task).prompt_mode(think))
+    return grounding_item(sample, prompt, cfg.data.max_prompt_tokens, think)
 
 
 def model_batch(seqs: Sequence[TokenSequence], prompts: Sequence[RolloutPrompt], hf_config,

@@ -6,6 +6,10 @@ the rollout placement each replica answers its slice of the split and every rank
 (``RolloutPlacement.generate_shared``); the first rank writes the files. A video that cannot be decoded is left out
 (warned, counted). Both prompt modes' predictors share the trainer's ``data.prompt_cache.PromptCache``: a video is
 decoded once while it is kept, for every stage and mode.
+
+With ``eval.seed_protocols`` the final weights are also scored as the seed's table scores them (``SEED_PROTOCOLS``:
+base and sft with its custom inference; grpo, trained with think, with custom and R1 inference; ``eval.protocols``),
+under ``results["protocols"][protocol][split]`` and ``out/<split>-<protocol>/``.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from megatron_tr1.rl.config import TrainConfig
 from megatron_tr1.data.prompt_cache import PromptCache
 
 METRICS = ("mIoU", "R@0.3", "R@0.5", "R@0.7")
+SEED_PROTOCOLS = {"base": ("custom",), "sft": ("custom",), "grpo": ("custom", "r1")}  # the seed's table's rows
 
 
 class StageEvaluator:
@@ -24,13 +29,13 @@ class StageEvaluator:
 
     def __init__(self, cfg: TrainConfig, engine, samples: dict[str, list[Sample]], cache: PromptCache):
         self.cfg, self.engine, self.samples, self.cache = cfg, engine, samples, cache
-        self._predictors: dict[bool, object] = {}  # think -> EnginePredictor
+        self._predictors: dict[bool | str, object] = {}  # prompt mode -> EnginePredictor
 
     def samples_of(self, split: str) -> list[Sample]:
         samples = self.samples.get(split) or []
         return samples[: self.cfg.eval.max_samples] if self.cfg.eval.max_samples else samples
 
-    def predictor(self, think: bool, progress: bool):
+    def predictor(self, think: bool | str, progress: bool):
         from megatron_tr1.eval.model_predictor import EnginePredictor
 
         if think not in self._predictors:
@@ -69,5 +74,28 @@ class StageEvaluator:
                 write_outputs(out / split, rows, {"stage": stage, "think": think, "split": split,
                                                   "skipped_undecodable": len(samples) - len(rows),
                                                   "metrics": metrics})
+            results[split] = metrics["all"]
+        protocols = SEED_PROTOCOLS.get(stage, ()) if self.cfg.eval.seed_protocols else ()
+        for protocol in protocols:
+            results.setdefault("protocols", {})[protocol] = self.protocol(stage, protocol, out, write)
+        return results
+
+    def protocol(self, stage: str, protocol: str, out: Path, write: bool) -> dict:
+        """``{split: metrics}`` of the engine's weights under the seed's ``protocol`` (its prompt, its stored
+        answer, its scorer); with ``write`` the files go to ``out/<split>-<protocol>/``."""
+        from megatron_tr1.eval.evaluate import as_submitted, score, summarize, write_outputs
+
+        results = {}
+        for split in ("test", "ood"):
+            samples = self.samples_of(split)
+            if not samples:
+                continue
+            predictor = self.predictor(protocol, progress=self.cfg.logging.progress and write)
+            predictor.name = f"{stage} ({protocol})"
+            rows = score(samples, predictor.predict(samples), protocol=protocol)
+            metrics = summarize(as_submitted(rows))
+            if write:
+                write_outputs(out / f"{split}-{protocol}", rows, {"stage": stage, "protocol": protocol,
+                                                                   "split": split, "metrics": metrics})
             results[split] = metrics["all"]
         return results

@@ -24,6 +24,22 @@ def reward_stats(rewards: Sequence[dict[str, float]], failed: Sequence[bool], n:
             "reward/zero_spread_groups": (group_spread(overall, n) == 0).double().mean().item()}
 
 
+def task_reward_stats(groups: Sequence[tuple[str, Sequence[dict[str, float]]]]) -> dict[str, float]:
+    """Per task (``megatron_tr1.tasks``) of the ``(task, rewards)`` groups: ``reward/<task>/{mean,format,accuracy}``
+    and ``reward/<task>/groups`` (how many of the step's groups it had)."""
+    by_task: dict[str, list[dict[str, float]]] = {}
+    counts: dict[str, int] = {}
+    for task, rewards in groups:
+        by_task.setdefault(task, []).extend(rewards)
+        counts[task] = counts.get(task, 0) + 1
+    out = {}
+    for task, rewards in by_task.items():
+        for key, name in (("overall", "mean"), ("format", "format"), ("accuracy", "accuracy")):
+            out[f"reward/{task}/{name}"] = sum(r[key] for r in rewards) / len(rewards) if rewards else 0.0
+        out[f"reward/{task}/groups"] = counts[task]
+    return out
+
+
 def length_stats(lengths: Sequence[int], truncated: Sequence[bool]) -> dict[str, float]:
     """Response length mean/min/max in tokens and the fraction cut at ``rollout.max_tokens``."""
     t = torch.tensor(lengths, dtype=torch.float64)

@@ -4,7 +4,9 @@
 ``rl.config.TrainConfig``): synthetic data and a tiny model folder are written under the run folder first.
 Multi-process: ``torchrun --nproc-per-node N -m megatron_tr1.cli train --config FILE``; alone, ``tr1 train``
 runs as a single process (world size 1). On completion ``RUN_DIR/results.json`` holds, per trained stage, the
-in-domain test metrics (``mIoU``, ``R@0.3/0.5/0.7`` in percent, ``n``), and the same under ``"ood"``;
+in-domain test metrics (``mIoU``, ``R@0.3/0.5/0.7`` in percent, ``n``), the same under ``"ood"``, and under
+``"protocols"`` each stage's scores under the seed's protocols (``{stage: {protocol: {split: metrics}}}``, the rows
+of the seed's table: ``rl.stage_eval.SEED_PROTOCOLS``);
 ``RUN_DIR/DONE`` marks a finished run. SIGUSR1 / SIGTERM save a checkpoint and exit 0 without ``DONE``.
 """
 from __future__ import annotations
@@ -69,12 +71,32 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> dict[str, list]:
                                   ("pretrain", s.num_pretrain))}
     samples = {}
     for split, path in paths.items():
-        if path is not None:
-            annotations = load_samples(load_data_config(path), seed=cfg.seed, strict=cfg.data.strict)
+        if path is not None:  # evaluated splits keep every label as written, as the seed's scorer reads them
+            labels = "verbatim" if split in ("test", "ood") else "checked"
+            annotations = load_samples(load_data_config(path), seed=cfg.seed, strict=cfg.data.strict, labels=labels)
             samples[split] = annotations.samples
+            check_split_tasks(cfg, split, path, annotations.samples)
             if _rank0():
-                log.info("data.%s: %s", split, annotations.summary())
+                log.info("data.%s: %s %s", split, annotations.summary(), annotations.notes_summary())
     return samples
+
+
+def check_split_tasks(cfg: TrainConfig, split: str, path: str, samples) -> None:
+    """Each sample's task exists (``megatron_tr1.tasks``); tasks other than grounding only where the run handles
+    them: GRPO on ``data.train`` (each group its task's reward), never the evaluated splits (the stages score
+    grounding; ``tr1 eval --task mvbench`` scores VideoQA) nor SFT / base (their targets are grounding spans)."""
+    from megatron_tr1.tasks import DEFAULT, check_tasks
+
+    others = sorted(set(check_tasks(samples, f"data.{split} ({path})")) - {DEFAULT})
+    if not others:
+        return
+    stages = [s for s in ("base", "sft") if getattr(cfg.stages, s).enabled]
+    if split != "train" or (stages and not (stages == ["base"] and cfg.data.pretrain)):
+        where = f"data.{split}" if split != "train" else f"stages {', '.join(stages)} (train on data.train)"
+        raise ConfigError(f"data.{split} ({path}) holds {', '.join(others)} samples, which {where} cannot use: "
+                          f"only GRPO stages train other tasks than {DEFAULT} and the stages evaluate grounding "
+                          "only (evaluate VideoQA with `tr1 eval --task mvbench`); set their datasets' task or "
+                          "disable stages.base.enabled / stages.sft.enabled")
 
 
 def prepare_model(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path]:
@@ -98,7 +120,8 @@ def prepare_model(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path]:
 
 
 def collect_results(run_dir: Path) -> dict:
-    """``{stage: test metrics, ..., "ood": {stage: ood metrics}}`` from the finished stages."""
+    """``{stage: test metrics, ..., "ood": {stage: ood metrics}, "protocols": {stage: {protocol: {split:
+    metrics}}}}`` from the finished stages."""
     results: dict = {}
     for stage in STAGES:
         path = run_dir / "stages" / stage / "results.json"
@@ -108,7 +131,14 @@ def collect_results(run_dir: Path) -> dict:
                 results[stage] = stage_results["test"]
             if "ood" in stage_results:
                 results.setdefault("ood", {})[stage] = stage_results["ood"]
+            if "protocols" in stage_results:
+                results.setdefault("protocols", {})[stage] = stage_results["protocols"]
     return results
+
+
+# The seed's table: (row label, stage, protocol); our grpo_no_think (a separately trained model) is an extra row.
+SEED_ROWS = (("base (custom)", "base", "custom"), ("SFT (custom)", "sft", "custom"),
+             ("GRPO, think ✗ (custom)", "grpo", "custom"), ("GRPO, think ✓ (r1)", "grpo", "r1"))
 
 
 def print_results(results: dict) -> None:
@@ -125,6 +155,20 @@ def print_results(results: dict) -> None:
         if stage in results or stage in results.get("ood", {}):
             table.add_row(stage, cell(results.get(stage)), cell(results.get("ood", {}).get(stage)))
     Console().print(table)
+    protocols = results.get("protocols") or {}
+    if not protocols:
+        return
+    seed = Table(title="The seed's table: its protocols (custom / R1 inference, lmms-eval scoring)")
+    for col in ("model", "in domain (test)", "out of domain (ood)"):
+        seed.add_column(col)
+    for label, stage, protocol in SEED_ROWS:
+        if protocol in protocols.get(stage, {}):
+            got = protocols[stage][protocol]
+            seed.add_row(label, cell(got.get("test")), cell(got.get("ood")))
+    if "grpo_no_think" in results or "grpo_no_think" in results.get("ood", {}):
+        seed.add_row("grpo_no_think (ours, answer)", cell(results.get("grpo_no_think")),
+                     cell(results.get("ood", {}).get("grpo_no_think")))
+    Console().print(seed)
 
 
 def finish_run(cfg: TrainConfig, run_dir: Path) -> dict:

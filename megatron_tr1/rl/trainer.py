@@ -45,7 +45,7 @@ from megatron_tr1.rl.config import STAGES, TrainConfig
 from megatron_tr1.rl.guards import NanGuard, TrainingDiverged
 from megatron_tr1.rl.logger import MetricsLogger, ProgressBar
 from megatron_tr1.rl.policy import build_policy
-from megatron_tr1.rl.prompts import GroundingPrompt, grounding_item
+from megatron_tr1.rl.prompts import GroundingPrompt, grounding_item, task_prompts
 from megatron_tr1.rl.sampler import PromptSampler, shard
 from megatron_tr1.rl.stage_eval import StageEvaluator
 from megatron_tr1.rl.update import unwrap
@@ -182,8 +182,8 @@ class Trainer:
         while it is kept; the other prompt mode and other queries on it reuse its frames); None for a sample whose
         video cannot be decoded (warned once, counted in ``prompt_cache.skipped``)."""
         samples = [self.samples[split][i] for i in indices]
-        return [None if p is None else grounding_item(s, p, self.cfg.data.max_prompt_tokens)
-                for s, p in zip(samples, self.prompt_cache.prompts_or_skip(samples, think))]
+        return [None if p is None else grounding_item(s, p, self.cfg.data.max_prompt_tokens, think)
+                for s, p in zip(samples, task_prompts(self.prompt_cache, samples, think))]
 
     def skipped_samples(self) -> int:
         """Samples left out so far (undecodable videos), summed over the data-parallel ranks."""

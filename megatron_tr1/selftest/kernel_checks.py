@@ -1,7 +1,8 @@
 """The Triton kernels (``kernels``) against their plain-PyTorch twins (``kernels.reference``).
 
 ``kernels_vs_reference``: values and gradients of ``fused_logprobs`` (fp32 and bf16 logits), ``fused_linear_logprobs``
-(fp32 and bf16, chunked) and ``grpo_loss`` (dual clip, low_var_kl, entropy) against the float64 reference, on
+(fp32 and bf16, chunked) and ``grpo_loss`` (dual clip, low_var_kl, entropy; GSPO + seq-MIS, CISPO + TIS and
+GRPO + MIS over ragged masks) against the float64 reference, on
 the shapes and tolerances of tests/kernels: a result is within a few ulps of its dtype times the largest |expected|
 (64 fp32 eps, 4 bf16 eps), the GRPO loss within rtol 1e-5. Triton runs through its interpreter on CPU
 (``TRITON_INTERPRET=1``, set here for this check only) and compiled on a GPU; the check fails if the dispatcher
@@ -111,7 +112,7 @@ def _linear_case(dtype, device) -> dict[str, float]:
             "grad_hidden": _ulps_error(hid.grad, rh.grad, dtype), "grad_weight": _ulps_error(w.grad, rw.grad, dtype)}
 
 
-def _grpo_case(device) -> dict[str, float]:
+def _grpo_case(device, loss_type: str = "grpo", correction: str = "none") -> dict[str, float]:
     import kernels
     from kernels import reference
 
@@ -124,11 +125,14 @@ def _grpo_case(device) -> dict[str, float]:
     adv = torch.randn(b, dtype=torch.float64, generator=g)
     mask = torch.rand(b, t, generator=g) > 0.3
     mask[2] = False
-    kw = dict(clip_low=0.2, clip_high=0.28, clip_dual=3.0, kl_coef=0.1, kl_type="low_var_kl", entropy_coef=0.01)
+    rollout = old + 0.5 * torch.randn(b, t, dtype=torch.float64, generator=g)
+    kw = dict(clip_low=0.2, clip_high=0.28, clip_dual=3.0 if loss_type == "grpo" else None, kl_coef=0.1,
+              kl_type="low_var_kl", entropy_coef=0.01, loss_type=loss_type, rollout_correction=correction)
 
     def run(fn, cast):
         x, e = cast(lp).requires_grad_(), cast(ent).requires_grad_()
-        loss, stats = fn(x, cast(old), cast(adv), mask.to(x.device), ref_logprobs=cast(ref_lp), entropy=e, **kw)
+        loss, stats = fn(x, cast(old), cast(adv), mask.to(x.device), ref_logprobs=cast(ref_lp), entropy=e,
+                         rollout_logprobs=cast(rollout), **kw)
         loss.backward()
         return loss.detach(), x.grad, e.grad, stats
 
@@ -156,7 +160,10 @@ def kernels_vs_reference() -> Measured:
                  "fused_logprobs.bf16": _logprobs_case(torch.bfloat16, device),
                  "fused_linear_logprobs.fp32": _linear_case(torch.float32, device),
                  "fused_linear_logprobs.bf16": _linear_case(torch.bfloat16, device),
-                 "grpo_loss.fp32": _grpo_case(device)}
+                 "grpo_loss.fp32": _grpo_case(device),
+                 "grpo_loss.gspo_seq_mis.fp32": _grpo_case(device, "gspo", "seq-mis"),
+                 "grpo_loss.cispo_tis.fp32": _grpo_case(device, "cispo", "tis"),
+                 "grpo_loss.grpo_mis.fp32": _grpo_case(device, "grpo", "mis")}
     numbers = {f"{case}.{k}": v for case, parts in cases.items() for k, v in parts.items()}
     worst = max(numbers, key=numbers.get)
     mode = "compiled, " + str(device) if backend.cuda else "interpreter, cpu"

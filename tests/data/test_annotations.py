@@ -30,15 +30,16 @@ def _r1(video="a.mp4", solution=(0.25, 0.5), **extra):
 
 def test_temporal_r1_fractions_become_seconds(folder, tmp_path):
     records = [
-        _r1(video_length=8.0, dataset="charades_train"),
+        _r1(video_length=8.0, dataset="charades"),
         _r1("b.mp4", (0.0, 1.0), problem='Give the query: "a "quoted" query", when does the described content occur '
             'in the video?.'),  # no video_length: the container's 20 frames / 10 fps
         _r1(video_length=8.0, id="q7"),
     ]
     ann = load_annotations(_write(tmp_path / "train.json", records), folder)
     a, b, c = ann.samples
-    assert a == Sample(str(folder / "a.mp4"), "a person sits", 2.0, 4.0, 8.0, "charades_train", "a#0")
+    assert a == Sample(str(folder / "a.mp4"), "a person sits", 2.0, 4.0, 8.0, "charades", "a#0", "a person sits")
     assert (b.start, b.end, b.duration, b.query, b.dataset, b.id) == (0.0, 2.0, 2.0, 'a "quoted" query', "train", "b#0")
+    assert b.problem == records[1]["problem"]  # verbatim: the training prompt's text
     assert c.id == "q7#0"
     assert (ann.total, ann.skipped, ann.summary()) == (3, {}, "")
 
@@ -136,3 +137,53 @@ def test_videos_can_be_left_unchecked(tmp_path):
     assert ann.samples[0].video == str(tmp_path / "gone.mp4") and ann.samples[0].end == 4.0
     with pytest.raises(DataError, match="has no video_length and the video was not read"):
         load_annotations(_write(tmp_path / "x.json", [_r1("gone.mp4")]), tmp_path, check_videos=False)
+
+
+def test_charades_train_length_comes_from_the_decoded_frames(folder, tmp_path):
+    # the record says 8 s; the video has 20 frames at 10 fps: the seed's loader takes 2 s for charades_train
+    path = _write(tmp_path / "c.json", [_r1(video_length=8.0, dataset="charades_train"), _r1(video_length=8.0)])
+    frames, json_length = load_annotations(path, folder).samples
+    assert (frames.start, frames.end, frames.duration) == (0.5, 1.0, 2.0)
+    assert (json_length.start, json_length.end, json_length.duration) == (2.0, 4.0, 8.0)
+    forced = load_annotations(path, folder, video_length="frames").samples
+    assert [s.duration for s in forced] == [2.0, 2.0]
+    never = load_annotations(path, folder, video_length="json").samples
+    assert [s.duration for s in never] == [8.0, 8.0]
+
+
+def test_problem_is_kept_verbatim_with_its_extra_sentence(folder, tmp_path):
+    problem = 'Give the query: "a person sits", when does the described content occur in the video?. Answer in seconds.'
+    (sample,) = load_annotations(_write(tmp_path / "p.json", [_r1(video_length=2, problem=problem)]), folder).samples
+    assert sample.query == "a person sits" and sample.problem == problem
+
+
+def test_verbatim_labels_keep_every_record_and_count_what_training_skips(folder, tmp_path):
+    text = "a 0.0 1.5##fine.\na 1.8 1.2##start after end.\nb 0.5 9.0##ends past the video.\nb 1.0 1.0##empty.\n"
+    path = _write(tmp_path / "charades_sta_test.txt", text)
+    with pytest.raises(DataError, match="start 1.8 > end 1.2"):
+        load_annotations(path, folder)
+    assert len(load_annotations(path, folder, strict=False).samples) == 1
+    ann = load_annotations(path, folder, labels="verbatim")
+    assert [s.gt for s in ann.samples] == [(0.0, 1.5), (1.8, 1.2), (0.5, 9.0), (1.0, 1.0)]  # nothing clipped
+    assert ann.notes == {"start > end": 1, "end past the duration": 1, "empty span": 1}
+    assert ann.notes_summary().startswith("kept as written: ") and "1 start > end" in ann.notes_summary()
+    # fractions are not clipped either
+    r1 = load_annotations(_write(tmp_path / "f.json", [_r1(solution=(0.5, 1.2), video_length=2.0)]), folder,
+                          labels="verbatim")
+    assert r1.samples[0].gt == (1.0, pytest.approx(2.4)) and r1.notes == {"end past the duration": 1}
+
+
+def test_lmms_tvg_layout(folder, tmp_path):
+    records = [{"video": "a.mp4", "caption": "person sits.", "timestamp": [0.5, 1.5]},
+               {"video": "v_c.mp4", "caption": "someone waves", "timestamp": [0.2, 3.0]}]
+    path = _write(tmp_path / "activity_tvg.json", records)
+    assert sniff_format(path, path.read_text()) == "lmms-tvg"
+    first, second = load_annotations(path, folder, labels="verbatim").samples
+    assert (first.video, first.query, first.gt, first.duration) == (str(folder / "a.mp4"), "person sits.",
+                                                                    (0.5, 1.5), 2.0)
+    assert (second.gt, second.dataset, second.problem) == ((0.2, 3.0), "activity_tvg", None)
+    with pytest.raises(DataError, match=r"activity_tvg.json record 1: .*beyond the video duration"):
+        load_annotations(path, folder)
+    _write(path, [{"video": "a.mp4", "caption": "x"}])
+    with pytest.raises(DataError, match="record 0: missing field 'timestamp'"):
+        load_annotations(path, folder, format="lmms-tvg")

@@ -154,3 +154,21 @@ def test_tiny_tokenizer_saves_a_model_dir(tmp_path, tok):
     assert (loaded.eos_token_id, loaded.pad_token_id, len(loaded)) == (2, 0, 512)
     for name, config in hf_preprocessor_configs().items():
         assert json.loads((tmp_path / name).read_text()) == config
+
+
+def test_the_seeds_evaluation_prompts():
+    from megatron_tr1.data.prompt import SYSTEM_PROMPT_PLAIN, eval_text
+
+    want = 'Give the query: "person turn a light on. ", when does the described content occur in the video?.'
+    assert eval_text("person turn a light on") == want == eval_text(" person turn a light on. ")
+    custom, r1 = build_messages("person turn a light on.", "custom"), build_messages("person turn a light on", "r1")
+    assert SYSTEM_PROMPT_PLAIN == "You are a helpful assistant."
+    assert custom[0] == {"role": "system", "content": SYSTEM_PROMPT_PLAIN}
+    assert r1[0] == {"role": "system", "content": SYSTEM_PROMPT_THINK}
+    assert custom[1]["content"][1]["text"] == r1[1]["content"][1]["text"] == want
+    # the evaluation modes ignore a training problem text; the training modes use it verbatim
+    problem = 'Give the query: "x", when does the described content occur in the video?. Reply in seconds.'
+    assert build_messages("x", "r1", problem)[1]["content"][1]["text"] == eval_text("x")
+    assert build_messages("x", True, problem)[1]["content"][1]["text"] == problem
+    with pytest.raises(ValueError, match="prompt mode 'R1' is not one of"):
+        build_messages("x", "R1")

@@ -27,8 +27,9 @@ def compile_sm90(kernel, types: dict, constexprs: dict) -> dict:
 
 def compile_all() -> None:
     """Every kernel in the variants the library launches (both logit dtypes, every KL type, with/without dual
-    clip and entropy); raises on the first that fails."""
+    clip and entropy, every loss type and rollout correction); raises on the first that fails."""
     from kernels.grpo_loss import _grpo_kernel
+    from kernels.grpo_rows import _rows_kernel
     from kernels.logprobs import _grad_kernel, _stats_kernel
 
     for dtype in ("bf16", "fp32"):
@@ -39,13 +40,22 @@ def compile_all() -> None:
                      "g_ent_ptr": F32}
             assert "cubin" in compile_sm90(_grad_kernel, types, {"HAS_ENT": has_ent, "BLOCK": 4096})
     pointers = ["lp_ptr", "old_ptr", "adv_ptr", "mask_ptr", "scale_ptr", "ref_ptr", "ent_ptr", "grad_lp_ptr",
-                "grad_ent_ptr", "sums_ptr"]
+                "grad_ent_ptr", "sums_ptr", "roll_ptr", "rows_ptr", "pg_scale_ptr"]
     types = {**{p: F32 for p in pointers},
-             **{f: "fp32" for f in ["clip_low", "clip_high", "clip_dual", "kl_coef", "ent_coef"]}}
+             **{f: "fp32" for f in ["clip_low", "clip_high", "clip_dual", "kl_coef", "ent_coef", "cap", "log_cap"]}}
+    plain = {"LOSS": 0, "RC": 0, "SPLIT": False}
     for kl in (0, 1, 2, 3):
         for dual, has_ent in ((True, True), (False, False)):
-            consts = {"DUAL": dual, "KL": kl, "HAS_ENT": has_ent, "BLOCK": 1024}
+            consts = {"DUAL": dual, "KL": kl, "HAS_ENT": has_ent, "BLOCK": 1024, **plain}
             assert "cubin" in compile_sm90(_grpo_kernel, types, consts)
+    # GSPO (its own policy-term weights, or agg's) / CISPO, each rollout correction
+    variants = [(loss, rc, loss == 1) for loss in (0, 1, 2) for rc in (0, 1, 2, 3)] + [(1, 0, False)]
+    for loss, rc, split in variants:
+        consts = {"DUAL": False, "KL": 3, "HAS_ENT": True, "BLOCK": 1024, "LOSS": loss, "RC": rc, "SPLIT": split}
+        assert "cubin" in compile_sm90(_grpo_kernel, types, consts)
+    row_types = {**{p: F32 for p in ("lp_ptr", "old_ptr", "roll_ptr", "mask_ptr", "rows_ptr")}, "log_cap": "fp32"}
+    for rc in (0, 2, 3):
+        assert "cubin" in compile_sm90(_rows_kernel, row_types, {"RC": rc, "BLOCK": 1024})
     print("compiled")
 
 

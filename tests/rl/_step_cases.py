@@ -121,6 +121,37 @@ def old_from_update_case(rank, world):
             "moved": max((a["params"][k] - v).abs().max().item() for k, v in _params(ref).items())}
 
 
+def stale_engine_case(rank, world):
+    """The engine holds stale weights (the policy's, perturbed: sampled-token log-probs ~1.5 nat off the trainer's):
+    one GRPO step from the same policy and rollouts without and with TIS (policy-gradient term only, plain SGD, no
+    clipping: the parameter change is the gradient). Returns each step's metrics and parameter change (L2)."""
+    from megatron_tr1.rl.grpo import grpo_step
+    from megatron_tr1.rollout.hf_engine import HFEngine
+    from megatron_tr1.rollout.weight_sync import sync_weights
+    from megatron_tr1.testing.tiny_model import tiny_mcore_model
+
+    cfg = step_config(dynamic_sampling=False, kl_coef=0.0, entropy_coef=0.0)
+    cfg.optim.grad_clip = 0.0
+    hf, _, tokenizer, items, _ = setup(cfg)
+    stale = tiny_mcore_model(hf)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in stale.parameters():
+            p.add_(2.75 * p.abs().mean().clamp(min=1e-3) * torch.randn(p.shape, generator=g))
+    out = {}
+    for correction in ("none", "tis"):
+        cfg.algorithm.rollout_correction = correction
+        model = tiny_mcore_model(hf).train()
+        engine = HFEngine(hf.config, tokenizer)
+        sync_weights(stale, hf.config, engine, dtype=torch.float32)
+        before = _params(model)
+        metrics = grpo_step(model, torch.optim.SGD(model.parameters(), lr=1.0), engine, None, items, cfg, tokenizer,
+                            hf.config, step=0, reward_fn=length_reward)
+        change = sum(((p - before[k]) ** 2).sum().item() for k, p in model.named_parameters()) ** 0.5
+        out[correction] = {"metrics": metrics, "change": change}
+    return out
+
+
 def sft_case(rank, world):
     from megatron_tr1.rl.batching import sft_target
     from megatron_tr1.rl.prompts import model_batch

@@ -50,6 +50,16 @@ def test_old_logprobs_from_the_update_forward_equal_a_separate_pass():
     assert shortcut["logprob_mismatch/max"] < LOGPROB_ATOL and shortcut["clip_frac"] == 0.0
 
 
+def test_tis_moves_the_policy_less_when_the_engine_is_stale():
+    out = run_ranks(_step_cases.stale_engine_case, 1)[0]
+    plain, tis = out["none"], out["tis"]
+    assert 1.0 < plain["metrics"]["logprob_mismatch/mean"] < 2.5, plain["metrics"]  # the engine is off
+    assert tis["metrics"]["logprob_mismatch/mean"] == plain["metrics"]["logprob_mismatch/mean"]  # same rollouts
+    assert tis["metrics"]["rc_weight_mean"] < 0.75 and tis["metrics"]["rc_masked_frac"] == 0.0
+    assert "rc_weight_mean" not in plain["metrics"]
+    assert 0 < tis["change"] < 0.92 * plain["change"], (tis["change"], plain["change"])
+
+
 def test_sampled_video_placeholder_is_left_out():
     """A response holding a sampled <|video_pad|> is padded and dropped from the loss; others pass unchanged."""
     from megatron_tr1.rl.grpo import training_sequence

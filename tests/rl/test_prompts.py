@@ -100,3 +100,21 @@ def test_eval_predictor_takes_prompts_from_the_cache_a_batch_at_a_time(samples, 
     assert texts == ["answer 1", "answer 1", "answer 2"]
     assert seen == [[direct(s, False).input_ids for s in samples[:2]], [direct(samples[2], False).input_ids]]
     assert decodes == [s.video for s in samples]  # the think prompt's frames were reused
+
+
+def test_training_prompt_uses_the_problem_verbatim_and_evaluation_modes_the_lmms_eval_text(samples):
+    from megatron_tr1.data.prompt import eval_text
+
+    tok = build_tiny_tokenizer()
+    extra = dataclasses.replace(samples[0], problem=f'Give the query: "{samples[0].query}", when does the described '
+                                                    "content occur in the video?. Answer in whole seconds.")
+    cache = PromptCache(tok, tiny_hf_config(), VIDEO)
+    train, custom, r1 = (tok.decode(cache.get(extra, mode).input_ids) for mode in (True, "custom", "r1"))
+    assert "Answer in whole seconds." in train
+    assert "Answer in whole seconds." not in custom and eval_text(samples[0].query) in custom
+    assert "You are a helpful assistant." in custom and "You FIRST think" in r1 and eval_text(samples[0].query) in r1
+    # another rank rebuilds each from its key alone (rollout.placement)
+    for mode in (True, "custom"):
+        prompt = cache.get(extra, mode)
+        other = PromptCache(tok, tiny_hf_config(), VIDEO)
+        assert other.from_key(prompt.key).input_ids == prompt.input_ids

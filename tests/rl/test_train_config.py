@@ -21,6 +21,8 @@ def test_qwen_3b_charades_yaml_has_temporal_r1_settings():
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.warmup_steps) == (1e-6, 1e-2, 1.0, 0)
     a = cfg.algorithm
     assert (a.entropy_coef, a.kl_type, a.kl_coef, a.kl_in_reward) == (1e-3, "low_var_kl", 1e-2, False)
+    # the seed's objective: plain GRPO, no rollout correction, EasyR1's per-micro-batch token-mean
+    assert (a.loss_type, a.rollout_correction, a.agg, a.agg_scope) == ("grpo", "none", "token-mean", "micro-batch")
     g = cfg.stages.grpo  # a budget in episodes at optim.lr: the demo stage's steps and lr are switched off
     assert (g.episodes, g.steps, g.lr) == (15, 0, None) and not cfg.stages.sft.enabled and not cfg.stages.base.enabled
     assert (g.lr or cfg.optim.lr) == 1e-6 and g.total_steps(5338, 16) == 5005  # 15 passes over Charades-STA train
@@ -49,6 +51,11 @@ def test_overrides_reach_every_section():
                                      r"optim.global_batch_size=48"),
     (["algorithm.reward=iou"], r"algorithm: reward='iou' is not one of"),
     (["algorithm.kl_type=k9"], r"algorithm.kl_type: 'k9' is not one of"),
+    (["algorithm.loss_type=ppo"], r"algorithm.loss_type: 'ppo' is not one of"),
+    (["algorithm.agg_scope=batch"], r"algorithm.agg_scope: 'batch' is not one of"),
+    (["algorithm.rollout_correction=is"], r"algorithm.rollout_correction: 'is' is not one of"),
+    (["algorithm.rollout_cap=0.5"], r"algorithm: rollout_cap=0.5 must be > 1"),
+    (["algorithm.loss_type=cispo", "algorithm.clip_dual=3"], r"algorithm: clip_dual=3.0 is for loss_type=grpo only"),
     (["stages.grpo.steps=0"], r"stages.grpo: an enabled stage needs steps > 0 or episodes > 0"),
     (["data.video.total_pixels=100"], r"data.video: total_pixels=100 < min_pixels=3136"),
     (["rollout.temperature=0"], r"temperature=0.0 must be > 0"),
@@ -62,10 +69,12 @@ def test_bad_values_name_field_and_value(override, message):
 
 
 def test_loss_options_match_the_kernel():
-    from kernels.reference import AGG_MODES, KL_TYPES
+    from kernels.reference import AGG_MODES, KL_TYPES, LOSS_TYPES, ROLLOUT_CORRECTIONS
 
     hints = typing.get_type_hints(AlgorithmConfig)
     assert typing.get_args(hints["kl_type"]) == KL_TYPES and typing.get_args(hints["agg"]) == AGG_MODES
+    assert typing.get_args(hints["loss_type"]) == LOSS_TYPES
+    assert typing.get_args(hints["rollout_correction"]) == ROLLOUT_CORRECTIONS
 
 
 def test_layout_needs_world_divisible_by_model_parallel():

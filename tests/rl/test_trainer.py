@@ -70,7 +70,11 @@ def test_stopped_and_resumed_run_equals_uninterrupted(resumed):
 
 def test_results_json_has_every_stage_and_split(resumed):
     results = resumed["straight"]["results"]
-    assert set(results) == {"base", "sft", "grpo", "ood"} and set(results["ood"]) == {"base", "sft", "grpo"}
+    assert set(results) == {"base", "sft", "grpo", "ood", "protocols"} and set(results["ood"]) == {"base", "sft", "grpo"}
+    protocols = results["protocols"]  # eval.seed_protocols (default on): the seed's table's rows
+    assert {s: set(p) for s, p in protocols.items()} == {"base": {"custom"}, "sft": {"custom"}, "grpo": {"custom", "r1"}}
+    for per_split in (p for stage in protocols.values() for p in stage.values()):
+        assert set(per_split) == {"test", "ood"} and per_split["test"]["n"] == 4 and per_split["ood"]["n"] == 2
     for m in [results[s] for s in ("base", "sft", "grpo")] + list(results["ood"].values()):
         assert set(m) == {"n", "mIoU", "R@0.3", "R@0.5", "R@0.7"} and 0 <= m["mIoU"] <= 100
     assert results["base"]["n"] == 4 and results["ood"]["base"]["n"] == 2

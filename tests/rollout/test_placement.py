@@ -70,7 +70,7 @@ def test_tp2_training_with_vllm_rollout_tp2(data):
     grpo = results[0]["metrics"]["grpo"]
     assert results[0]["status"] == "done" and len(grpo) == 2
     assert all(r["logprob_mismatch/max"] < 1e-4 for r in grpo)
-    assert all(r["rollout/replicas"] == 1 and r["sync/bytes_received"] == 0 for r in grpo)
+    assert all(r["rollout/replicas"] == 1 and r["sync/bytes_received"] == r["sync/bytes_per_rank"] == 0 for r in grpo)
 
 
 @pytest.mark.slow
@@ -84,3 +84,4 @@ def test_pp2_training_into_vllm_rollout_tp2(data):
     grpo = results[-1]["metrics"]["grpo"]
     assert results[0]["status"] == "done" and all(r["logprob_mismatch/max"] < 1e-4 for r in grpo)
     assert all(r["sync/bytes_received"] > 0 or r["sync/bytes_sent"] > 0 for r in grpo)
+    assert all(r["sync/bytes_per_rank"] == r["sync/bytes_received"] + r["sync/bytes_sent"] for r in grpo)
