@@ -110,7 +110,8 @@ def train_config(cfg: dict, batch: int, micro_batch: int, packing: bool = True, 
         rollout=RolloutConfig(n=cfg["n"], prompts_per_step=cfg["prompts"], max_tokens=cfg["max_tokens"],
                               temperature=1.0),
         optim=OptimConfig(lr=1e-3, weight_decay=0.0, micro_batch_size=min(micro_batch, batch),
-                          global_batch_size=batch, packing=packing, max_tokens_per_micro_batch=budget),
+                          global_batch_size=batch, packing=packing, max_tokens_per_micro_batch=budget,
+                          packing_min_saving=0.0),
         data=DataSection(video=VideoBudget(max_frames=4), max_prompt_tokens=max_prompt_tokens))
     train.algorithm.dynamic_sampling = False
     return train

@@ -90,13 +90,18 @@ class Annotations:
 
     def summary(self) -> str:
         """``"skipped 3 of 1200 samples: 2 missing video, 1 start > end"``, or ``""`` when nothing was skipped."""
-        if not self.skipped:
-            return ""
-        reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
-        return f"skipped {sum(self.skipped.values())} of {self.total} samples: {reasons}"
+        return skipped_summary(self.skipped, self.total, "samples")
 
 
-class _Skip(Exception):
+def skipped_summary(skipped: collections.Counter, total: int, noun: str) -> str:
+    """``"skipped 3 of 1200 <noun>: 2 missing video, 1 start > end"``, or ``""`` when nothing was skipped."""
+    if not skipped:
+        return ""
+    reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
+    return f"skipped {sum(skipped.values())} of {total} {noun}: {reasons}"
+
+
+class BadRecord(Exception):
     """One bad record: ``reason`` is the short count key, the message the full strict-mode error."""
 
     def __init__(self, reason: str, message: str):
@@ -150,12 +155,12 @@ def load_annotations(
     for raw in reader(path, text, folder):
         out.total += 1
         try:
-            if isinstance(raw, _Skip):
+            if isinstance(raw, BadRecord):
                 raise raw
             if raw.fractions and video_length != "auto":
                 raw.frames_length = video_length == "frames"
             sample = _finish(raw, check_videos, seen, durations, out.notes if labels == "verbatim" else None)
-        except _Skip as e:
+        except BadRecord as e:
             if strict:
                 raise DataError(str(e)) from None
             out.skipped[e.reason] += 1
@@ -191,35 +196,35 @@ def _load_json(path: Path, text: str, line_no: int = 0):
 
 def _number(value, field: str, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _Skip("bad value", f"{where}: {field} must be a number, got {value!r}")
+        raise BadRecord("bad value", f"{where}: {field} must be a number, got {value!r}")
     try:
         x = float(value)
     except ValueError:
-        raise _Skip("bad value", f"{where}: {field} must be a number, got {value!r}") from None
+        raise BadRecord("bad value", f"{where}: {field} must be a number, got {value!r}") from None
     if not math.isfinite(x):
-        raise _Skip("bad value", f"{where}: {field} must be finite, got {value!r}")
+        raise BadRecord("bad value", f"{where}: {field} must be finite, got {value!r}")
     return x
 
 
 def _text(value, field: str, where: str) -> str:
     """A record's text field (query, video name): a non-empty string (a number is taken as its text)."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
-        raise _Skip("bad value", f"{where}: {field} must be a non-empty string, got {value!r}; fix or drop the record")
+        raise BadRecord("bad value", f"{where}: {field} must be a non-empty string, got {value!r}; fix or drop the record")
     return str(value).strip()
 
 
 def _span(value, field: str, where: str) -> tuple[float, float]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise _Skip("bad value", f"{where}: {field} must be [start, end], got {value!r}")
+        raise BadRecord("bad value", f"{where}: {field} must be [start, end], got {value!r}")
     return _number(value[0], f"{field}[0]", where), _number(value[1], f"{field}[1]", where)
 
 
 def _require(record, fields: tuple[str, ...], where: str) -> None:
     if not isinstance(record, dict):
-        raise _Skip("bad value", f"{where}: expected an object, got {type(record).__name__}")
+        raise BadRecord("bad value", f"{where}: expected an object, got {type(record).__name__}")
     for name in fields:
         if name not in record:
-            raise _Skip("missing field", f"{where}: missing field {name!r} (has: {', '.join(sorted(record)) or 'none'})")
+            raise BadRecord("missing field", f"{where}: missing field {name!r} (has: {', '.join(sorted(record)) or 'none'})")
 
 
 def _json_records(path: Path, text: str, layout: str) -> tuple[list, list[str]]:
@@ -238,7 +243,7 @@ def _json_records(path: Path, text: str, layout: str) -> tuple[list, list[str]]:
     return records, wheres
 
 
-def _read_temporal_r1(path: Path, text: str, folder: Path) -> Iterator[_Raw | _Skip]:
+def _read_temporal_r1(path: Path, text: str, folder: Path) -> Iterator[_Raw | BadRecord]:
     for record, where in zip(*_json_records(path, text, "Temporal-R1")):
         try:
             _require(record, ("video", "problem", "solution"), where)
@@ -246,7 +251,7 @@ def _read_temporal_r1(path: Path, text: str, folder: Path) -> Iterator[_Raw | _S
             length = record.get("video_length")
             duration = None if length is None else _number(length, "video_length", where)
             if duration is not None and duration <= 0:
-                raise _Skip("bad value", f"{where}: video_length must be > 0, got {length!r}")
+                raise BadRecord("bad value", f"{where}: video_length must be > 0, got {length!r}")
             video = _text(record["video"], "video", where)
             problem = _text(record["problem"], "problem", where)
             match = _QUERY_IN_PROBLEM.match(problem)
@@ -254,11 +259,11 @@ def _read_temporal_r1(path: Path, text: str, folder: Path) -> Iterator[_Raw | _S
             yield _Raw(where, [str(folder / video)], match.group(1) if match else problem,
                        start, end, duration, dataset, str(record.get("id") or Path(video).stem), fractions=True,
                        problem=str(record["problem"]), frames_length=dataset == CHARADES_TRAIN)
-        except _Skip as e:
+        except BadRecord as e:
             yield e
 
 
-def _read_lmms_tvg(path: Path, text: str, folder: Path) -> Iterator[_Raw | _Skip]:
+def _read_lmms_tvg(path: Path, text: str, folder: Path) -> Iterator[_Raw | BadRecord]:
     for record, where in zip(*_json_records(path, text, "lmms-eval temporal-grounding")):
         try:
             _require(record, ("video", "caption", "timestamp"), where)
@@ -266,11 +271,11 @@ def _read_lmms_tvg(path: Path, text: str, folder: Path) -> Iterator[_Raw | _Skip
             video = _text(record["video"], "video", where)
             yield _Raw(where, [str(folder / video)], _text(record["caption"], "caption", where), start, end, None,
                        str(record.get("dataset") or path.stem), Path(video).stem)
-        except _Skip as e:
+        except BadRecord as e:
             yield e
 
 
-def _read_charades(path: Path, text: str, folder: Path) -> Iterator[_Raw | _Skip]:
+def _read_charades(path: Path, text: str, folder: Path) -> Iterator[_Raw | BadRecord]:
     for line_no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -278,19 +283,19 @@ def _read_charades(path: Path, text: str, folder: Path) -> Iterator[_Raw | _Skip
         head, sep, sentence = line.partition("##")
         parts = head.split()
         if not sep or len(parts) != 3 or not sentence.strip():
-            yield _Skip("bad value", f"{where}: expected 'vid start end##sentence', got {line.strip()!r}")
+            yield BadRecord("bad value", f"{where}: expected 'vid start end##sentence', got {line.strip()!r}")
             continue
         vid = parts[0]
         try:
             start, end = _number(parts[1], "start", where), _number(parts[2], "end", where)
-        except _Skip as e:
+        except BadRecord as e:
             yield e
             continue
         yield _Raw(where, [str(folder / f"{vid}{ext}") for ext in VIDEO_EXTS], sentence.strip(), start, end, None,
                    "charades_sta", vid)
 
 
-def _read_activitynet(path: Path, text: str, folder: Path) -> Iterator[_Raw | _Skip]:
+def _read_activitynet(path: Path, text: str, folder: Path) -> Iterator[_Raw | BadRecord]:
     data = _load_json(path, text)
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise DataError(f"{path}: expected ActivityNet-Captions JSON {{vid: {{duration, timestamps, sentences}}}}")
@@ -301,8 +306,8 @@ def _read_activitynet(path: Path, text: str, folder: Path) -> Iterator[_Raw | _S
             duration = _number(record["duration"], "duration", where)
             stamps, sentences = record["timestamps"], record["sentences"]
             if not isinstance(stamps, list) or not isinstance(sentences, list) or len(stamps) != len(sentences):
-                raise _Skip("bad value", f"{where}: timestamps and sentences must be lists of the same length")
-        except _Skip as e:
+                raise BadRecord("bad value", f"{where}: timestamps and sentences must be lists of the same length")
+        except BadRecord as e:
             yield e
             continue
         names = [vid, vid[2:]] if vid.startswith("v_") else [vid, f"v_{vid}"]
@@ -311,7 +316,7 @@ def _read_activitynet(path: Path, text: str, folder: Path) -> Iterator[_Raw | _S
             try:
                 start, end = _span(stamp, f"timestamps[{k}]", where)
                 query = _text(sentence, f"sentences[{k}]", where)
-            except _Skip as e:
+            except BadRecord as e:
                 yield e
                 continue
             yield _Raw(f"{where} sentence {k}", videos, query, start, end, duration,
@@ -327,7 +332,7 @@ def _finish(raw: _Raw, check_videos: bool, seen: collections.Counter, durations:
     video = next((v for v in raw.videos if os.path.isfile(v)), None)
     if video is None and check_videos:
         others = f" (also tried {len(raw.videos) - 1} other names)" if len(raw.videos) > 1 else ""
-        raise _Skip("missing video", f"{raw.where}: video file {raw.videos[0]!r} does not exist{others}")
+        raise BadRecord("missing video", f"{raw.where}: video file {raw.videos[0]!r} does not exist{others}")
     video = os.path.abspath(video or raw.videos[0])
     duration = raw.duration
     if (duration is None or raw.frames_length) and check_videos:
@@ -337,7 +342,7 @@ def _finish(raw: _Raw, check_videos: bool, seen: collections.Counter, durations:
             try:
                 info = probe_video(video)
             except DataError as e:
-                raise _Skip("unreadable video", f"{raw.where}: {e}") from None
+                raise BadRecord("unreadable video", f"{raw.where}: {e}") from None
             durations[video] = info.total_frames / info.video_fps
         duration = durations[video]
     start, end = raw.start, raw.end
@@ -345,21 +350,21 @@ def _finish(raw: _Raw, check_videos: bool, seen: collections.Counter, durations:
         return _verbatim(raw, video, duration, sample_id, notes)
     if raw.fractions:
         if max(start, end) > 1.0 + 1e-3:
-            raise _Skip("beyond duration", f"{raw.where}: solution [{start}, {end}] is past 1.0; Temporal-R1 JSON "
+            raise BadRecord("beyond duration", f"{raw.where}: solution [{start}, {end}] is past 1.0; Temporal-R1 JSON "
                                            "stores fractions of video_length in [0, 1]")
         if duration is None:
-            raise _Skip("unknown duration", f"{raw.where}: solution is in fractions of the video length, but the record "
+            raise BadRecord("unknown duration", f"{raw.where}: solution is in fractions of the video length, but the record "
                                             "has no video_length and the video was not read; add video_length")
         start, end = start * duration, min(end, 1.0) * duration
     if start < 0 or end < 0:
-        raise _Skip("negative time", f"{raw.where}: negative time in [{raw.start}, {raw.end}]")
+        raise BadRecord("negative time", f"{raw.where}: negative time in [{raw.start}, {raw.end}]")
     if start > end:
-        raise _Skip("start > end", f"{raw.where}: start {raw.start} > end {raw.end}")
+        raise BadRecord("start > end", f"{raw.where}: start {raw.start} > end {raw.end}")
     if start == end:
-        raise _Skip("empty span", f"{raw.where}: empty span [{raw.start}, {raw.end}] (start == end)")
+        raise BadRecord("empty span", f"{raw.where}: empty span [{raw.start}, {raw.end}] (start == end)")
     if duration is not None:
         if start >= duration or end > duration + END_TOLERANCE_S:
-            raise _Skip("beyond duration", f"{raw.where}: [{start:g}, {end:g}] s is beyond the video duration "
+            raise BadRecord("beyond duration", f"{raw.where}: [{start:g}, {end:g}] s is beyond the video duration "
                                            f"{duration:g} s (tolerance {END_TOLERANCE_S} s)")
         end = min(end, duration)
     return Sample(video, raw.query, start, end, duration, raw.dataset, sample_id, raw.problem)
@@ -370,7 +375,7 @@ def _verbatim(raw: _Raw, video: str, duration: float | None, sample_id: str, not
     start, end = raw.start, raw.end
     if raw.fractions:
         if duration is None:
-            raise _Skip("unknown duration", f"{raw.where}: solution is in fractions of the video length, but the record "
+            raise BadRecord("unknown duration", f"{raw.where}: solution is in fractions of the video length, but the record "
                                             "has no video_length and the video was not read; add video_length")
         start, end = start * duration, end * duration
     if start > end:

@@ -21,6 +21,7 @@ import math
 import string
 from pathlib import Path
 
+from megatron_tr1.data.annotations import BadRecord, skipped_summary
 from megatron_tr1.errors import DataError
 
 LETTERS = string.ascii_uppercase
@@ -63,16 +64,7 @@ class MCLoad:
 
     def summary(self) -> str:
         """``"skipped 2 of 40 records: 1 missing video, 1 no candidates"``, or ``""``."""
-        if not self.skipped:
-            return ""
-        reasons = ", ".join(f"{n} {r}" for r, n in self.skipped.most_common())
-        return f"skipped {sum(self.skipped.values())} of {self.total} records: {reasons}"
-
-
-class _Bad(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
+        return skipped_summary(self.skipped, self.total, "records")
 
 
 def lettered_options(candidates) -> str:
@@ -83,42 +75,42 @@ def lettered_options(candidates) -> str:
 def _text(record: dict, field: str, where: str) -> str:
     value = record.get(field)
     if not isinstance(value, str) or not value.strip():
-        raise _Bad(f"missing {field}", f"{where}: '{field}' must be a non-empty string, got {value!r}")
+        raise BadRecord(f"missing {field}", f"{where}: '{field}' must be a non-empty string, got {value!r}")
     return value
 
 
 def _seconds(value, field: str, where: str) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
     if not ok:
-        raise _Bad("bad clip bounds", f"{where}: '{field}' must be a number of seconds >= 0, got {value!r}")
+        raise BadRecord("bad clip bounds", f"{where}: '{field}' must be a number of seconds >= 0, got {value!r}")
     return float(value)
 
 
 def _record(record, index: int, path: Path, folder: Path, check_videos: bool) -> MCSample:
     where = f"{path} record {index}"
     if not isinstance(record, dict):
-        raise _Bad("not a record", f"{where}: expected an object with video, question, candidates, answer; "
+        raise BadRecord("not a record", f"{where}: expected an object with video, question, candidates, answer; "
                                    f"got {type(record).__name__}")
     video, question = _text(record, "video", where), _text(record, "question", where)
     candidates = record.get("candidates")
     if not isinstance(candidates, list) or not candidates:
-        raise _Bad("no candidates", f"{where}: 'candidates' must be a non-empty list of option texts, "
+        raise BadRecord("no candidates", f"{where}: 'candidates' must be a non-empty list of option texts, "
                                     f"got {candidates!r}")
     if len(candidates) > len(LETTERS) or not all(isinstance(c, str) for c in candidates):
-        raise _Bad("no candidates", f"{where}: 'candidates' must be at most {len(LETTERS)} strings, "
+        raise BadRecord("no candidates", f"{where}: 'candidates' must be at most {len(LETTERS)} strings, "
                                     f"got {candidates!r}")
     answer = record.get("answer")
     if answer not in candidates:  # lmms-eval letters the first candidate equal to the answer
-        raise _Bad("answer not among candidates", f"{where}: 'answer' {answer!r} is none of the candidates "
+        raise BadRecord("answer not among candidates", f"{where}: 'answer' {answer!r} is none of the candidates "
                                                   f"{candidates!r}")
     start = end = None
     if "start" in record or "end" in record:
         start, end = _seconds(record.get("start"), "start", where), _seconds(record.get("end"), "end", where)
         if start >= end:
-            raise _Bad("bad clip bounds", f"{where}: start {start} >= end {end}")
+            raise BadRecord("bad clip bounds", f"{where}: start {start} >= end {end}")
     full = folder / video
     if check_videos and not full.is_file():
-        raise _Bad("missing video", f"{where}: video {str(full)!r} does not exist (data_folder {str(folder)!r})")
+        raise BadRecord("missing video", f"{where}: video {str(full)!r} does not exist (data_folder {str(folder)!r})")
     return MCSample(video=str(full), question=question, candidates=tuple(candidates),
                     answer=candidates.index(answer), dataset=path.stem, id=f"{path.stem}#{index}", start=start,
                     end=end)
@@ -144,7 +136,7 @@ def load_mvbench(path: str | Path, data_folder: str | Path, strict: bool = True,
     for i, record in enumerate(records):
         try:
             out.samples.append(_record(record, i, path, folder, check_videos))
-        except _Bad as e:
+        except BadRecord as e:
             if strict:
                 raise DataError(f"{e} (or pass --lenient to skip such records)") from None
             out.skipped[e.reason] += 1

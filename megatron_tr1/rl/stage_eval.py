@@ -78,7 +78,29 @@ class StageEvaluator:
         protocols = SEED_PROTOCOLS.get(stage, ()) if self.cfg.eval.seed_protocols else ()
         for protocol in protocols:
             results.setdefault("protocols", {})[protocol] = self.protocol(stage, protocol, out, write)
+        for split in ("mc_test", "mc_ood") if self.cfg.eval.videoqa else ():
+            if self.samples_of(split):
+                results.setdefault("videoqa", {})[split] = self.videoqa(stage, split, out, write)
         return results
+
+    def videoqa(self, stage: str, split: str, out: Path, write: bool) -> dict:
+        """Multiple-choice accuracy of the engine's weights on ``split`` as ``tr1 eval --task mvbench --protocol
+        custom`` scores it (``eval.mvbench``); with ``write`` the rows and metrics go to ``out/<split>/``."""
+        import json
+
+        from megatron_tr1.eval import mvbench
+
+        samples = self.samples_of(split)
+        predictor = self.predictor(mvbench.prompt_mode("custom"), progress=self.cfg.logging.progress and write)
+        predictor.name = f"{stage} (videoqa)"
+        rows = mvbench.score(samples, predictor.predict([mvbench.as_prompt_sample(s, "custom") for s in samples]),
+                             "custom")
+        metrics = mvbench.summarize(rows)
+        if write:
+            (out / split).mkdir(parents=True, exist_ok=True)
+            (out / split / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (out / split / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        return metrics["overall"]
 
     def protocol(self, stage: str, protocol: str, out: Path, write: bool) -> dict:
         """``{split: metrics}`` of the engine's weights under the seed's ``protocol`` (its prompt, its stored

@@ -78,7 +78,23 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> dict[str, list]:
             check_split_tasks(cfg, split, path, annotations.samples)
             if _rank0():
                 log.info("data.%s: %s %s", split, annotations.summary(), annotations.notes_summary())
+    if cfg.eval.videoqa:
+        samples |= videoqa_splits(cfg, run_dir / "data" if cfg.data.train is None else None)
     return samples
+
+
+def videoqa_splits(cfg: TrainConfig, synthetic_folder: Path | None) -> dict[str, list]:
+    """``mc_test`` / ``mc_ood``: the multiple-choice records of ``eval.videoqa_test`` / ``eval.videoqa_ood`` (MVBench
+    layout, as ``tr1 eval --task mvbench`` reads them), or of the demo's synthetic splits when those are null."""
+    from megatron_tr1.eval import mvbench
+
+    out = {}
+    for split, path in (("mc_test", cfg.eval.videoqa_test), ("mc_ood", cfg.eval.videoqa_ood)):
+        if path is None and synthetic_folder is not None and (synthetic_folder / f"{split}.yaml").is_file():
+            path = str(synthetic_folder / f"{split}.yaml")
+        if path is not None:
+            out[split] = mvbench.load_config(path, seed=cfg.seed, strict=cfg.data.strict).samples
+    return out
 
 
 def check_split_tasks(cfg: TrainConfig, split: str, path: str, samples) -> None:
@@ -121,7 +137,7 @@ def prepare_model(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path]:
 
 def collect_results(run_dir: Path) -> dict:
     """``{stage: test metrics, ..., "ood": {stage: ood metrics}, "protocols": {stage: {protocol: {split:
-    metrics}}}}`` from the finished stages."""
+    metrics}}}, "videoqa": {stage: {split: accuracy}}}`` from the finished stages."""
     results: dict = {}
     for stage in STAGES:
         path = run_dir / "stages" / stage / "results.json"
@@ -131,8 +147,9 @@ def collect_results(run_dir: Path) -> dict:
                 results[stage] = stage_results["test"]
             if "ood" in stage_results:
                 results.setdefault("ood", {})[stage] = stage_results["ood"]
-            if "protocols" in stage_results:
-                results.setdefault("protocols", {})[stage] = stage_results["protocols"]
+            for key in ("protocols", "videoqa"):
+                if key in stage_results:
+                    results.setdefault(key, {})[stage] = stage_results[key]
     return results
 
 
@@ -169,6 +186,23 @@ def print_results(results: dict) -> None:
         seed.add_row("grpo_no_think (ours, answer)", cell(results.get("grpo_no_think")),
                      cell(results.get("ood", {}).get("grpo_no_think")))
     Console().print(seed)
+    print_videoqa(results.get("videoqa") or {})
+
+
+def print_videoqa(videoqa: dict) -> None:
+    """The VideoQA accuracy of each stage (``eval.videoqa``), next to the grounding tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if not videoqa:
+        return
+    table = Table(title="VideoQA accuracy (%), multiple choice, custom inference (the seed's MVBench reading)")
+    for col in ("model", "in domain (mc_test)", "out of domain (mc_ood)"):
+        table.add_column(col)
+    for stage, splits in videoqa.items():
+        table.add_row(stage, *(f"{splits[s]['accuracy']:.1f} (n={splits[s]['n']})" if s in splits else "-"
+                               for s in ("mc_test", "mc_ood")))
+    Console().print(table)
 
 
 def finish_run(cfg: TrainConfig, run_dir: Path) -> dict:

@@ -108,8 +108,8 @@ def micro_batches(seqs: list[TokenSequence], prompts: list, index: list[int], cf
                   pad_id: int) -> list[tuple[list[int], dict]]:
     """``(sequence indices, model_batch)`` micro-batches of the sequences ``index``: ``optim.micro_batch_size``
     sequences each, or grouped by ``optim.max_tokens_per_micro_batch`` tokens when that is set (first-fit
-    decreasing: few micro-batches of similar size); each packed into one row (``optim.packing``) or padded to its
-    longest sequence."""
+    decreasing: few micro-batches of similar size); each packed into one row (``optim.packing``, when padding would
+    waste at least ``optim.packing_min_saving`` of its slots) or padded to its longest sequence."""
     o = cfg.optim
     if o.max_tokens_per_micro_batch:
         parts = split_by_tokens([len(seqs[i]) for i in index], o.max_tokens_per_micro_batch, o.micro_batch_size)
@@ -118,9 +118,15 @@ def micro_batches(seqs: list[TokenSequence], prompts: list, index: list[int], cf
     out = []
     for part in parts:
         rows = [index[k] for k in part]
+        packed = o.packing and padding_share([len(seqs[i]) for i in rows]) >= o.packing_min_saving
         out.append((rows, model_batch([seqs[i] for i in rows], [prompts[i] for i in rows], hf_config, pad_id,
-                                      packed=o.packing)))
+                                      packed=packed)))
     return out
+
+
+def padding_share(lengths: list[int]) -> float:
+    """The share of a padded micro-batch's token slots that would be padding: 1 - tokens / (sequences x longest)."""
+    return 1.0 - sum(lengths) / (len(lengths) * max(lengths)) if lengths else 0.0
 
 
 def batch_stats(mbs: list[tuple[list[int], dict]]) -> dict[str, float]:

@@ -82,6 +82,7 @@ def step_case(rank, world, packing: bool):
 
     cfg = _step_cases.step_config(dynamic_sampling=False)
     cfg.optim.packing = packing
+    cfg.optim.packing_min_saving = 0.0  # pack every micro-batch, however little padding it saves
     hf, model, tokenizer, items, ref = _step_cases.setup(cfg)
     engine = HFEngine(hf.config, tokenizer)
     sync_weights(model, hf.config, engine, dtype=torch.float32)

@@ -66,3 +66,22 @@ def test_grpo_and_sft_steps_reach_the_same_weights():
     assert packed["metrics"]["batch/pad_fraction"] == 0.0 <= padded["metrics"]["batch/pad_fraction"]
     assert packed["sft_metrics"]["batch/pad_fraction"] == 0.0
     assert packed["metrics"]["batch/tokens"] == padded["metrics"]["batch/tokens"]
+
+
+def test_a_micro_batch_is_packed_only_when_padding_would_waste_enough(monkeypatch):
+    """``optim.packing_min_saving``: near-equal lengths stay padded (packing's gathers would cost more than the
+    padding), a spread packs; 0 packs everything; ``optim.packing=false`` nothing."""
+    from megatron_tr1.rl import update
+    from megatron_tr1.rl.batching import TokenSequence
+    from megatron_tr1.rl.config import TrainConfig
+
+    calls = []
+    monkeypatch.setattr(update, "model_batch", lambda seqs, prompts, hf, pad, packed: calls.append(packed) or {})
+    seqs = [TokenSequence([1] * 10, [2] * n) for n in (10, 9, 30, 2)]  # wastes 1/40 = 2.5%, then 28/80 = 35%
+    assert update.padding_share([20, 19]) == pytest.approx(0.025) and update.padding_share([40, 12]) == 0.35
+    cfg = TrainConfig()
+    cfg.optim.micro_batch_size = 2
+    for saving, packing, want in ((0.05, True, [False, True]), (0.0, True, [True, True]), (0.0, False, [False] * 2)):
+        cfg.optim.packing_min_saving, cfg.optim.packing, calls[:] = saving, packing, []
+        update.micro_batches(seqs, [None] * 4, [0, 1, 2, 3], cfg, None, 0)
+        assert calls == want, (saving, packing)

@@ -70,7 +70,13 @@ def test_stopped_and_resumed_run_equals_uninterrupted(resumed):
 
 def test_results_json_has_every_stage_and_split(resumed):
     results = resumed["straight"]["results"]
-    assert set(results) == {"base", "sft", "grpo", "ood", "protocols"} and set(results["ood"]) == {"base", "sft", "grpo"}
+    assert set(results) == {"base", "sft", "grpo", "ood", "protocols", "videoqa"}
+    assert set(results["ood"]) == {"base", "sft", "grpo"}
+    # eval.videoqa (default on): the synthetic multiple-choice splits, custom inference
+    assert {s: set(v) for s, v in results["videoqa"].items()} == {s: {"mc_test", "mc_ood"} for s in
+                                                                   ("base", "sft", "grpo")}
+    for acc in (a for v in results["videoqa"].values() for a in v.values()):
+        assert 0 <= acc["accuracy"] <= 100 and acc["n"] > 0 and 0 <= acc["answered"] <= acc["n"]
     protocols = results["protocols"]  # eval.seed_protocols (default on): the seed's table's rows
     assert {s: set(p) for s, p in protocols.items()} == {"base": {"custom"}, "sft": {"custom"}, "grpo": {"custom", "r1"}}
     for per_split in (p for stage in protocols.values() for p in stage.values()):
