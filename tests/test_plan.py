@@ -225,7 +225,7 @@ def test_cli_reads_an_hf_dir(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "qwen2.5-vl-9b"], "'qwen2.5-vl-9b' is neither a known model (qwen2.5-vl-3b, qwen2.5-vl-7b, "
-                                   "qwen2.5-vl-72b)"),
+                                   "qwen2.5-vl-72b, qwen3-vl-2b, qwen3-vl-4b, qwen3-vl-8b)"),
     (["--model", "{tmp}"], "{tmp}/config.json not found"),
     (["--model", "qwen2.5-vl-3b", "--nodes", "0"], "--gpus-per-node 8 and --nodes 0 must both be at least 1"),
     (["--model", "qwen2.5-vl-3b", "--vllm-mem-fraction", "1.5"], "--vllm-mem-fraction 1.5: must be in [0, 1)"),
@@ -260,7 +260,7 @@ def test_bad_input_is_one_line_naming_field_and_value(argv, message, tmp_path, c
 
 @pytest.mark.parametrize("cfg, message", [
     ("{", "cannot read it as JSON"),
-    ({"model_type": "qwen2_vl"}, "model_type 'qwen2_vl' is not 'qwen2_5_vl'"),
+    ({"model_type": "qwen2_vl"}, "model_type 'qwen2_vl' is not a model family tr1 knows ('qwen2_5_vl'"),
     ({"hidden_size": 64}, "has no 'num_hidden_layers'"),
     ({**TINY["tied-gqa"][0], "vocab_size": 0}, "text.vocab_size = 0; expected a positive integer"),
     ({**TINY["tied-gqa"][0], "vision_config": {"out_hidden_size": 32}},
@@ -335,7 +335,7 @@ def test_vision_whole_estimate_by_hand():
     assert rollout_options(ODD_VISION, w, world=4, tp=2)[0][0].vision_whole  # --rollout-tp 2 is accepted
 
 
-@pytest.mark.parametrize("name", list(BUILTIN))
+@pytest.mark.parametrize("name", [name for name, spec in BUILTIN.items() if spec.family == "qwen2_5_vl"])
 def test_rollout_tp_rules_are_the_trainers(name):
     """The planner rules out exactly the rollout TP sizes the trainer refuses (``Dims.validate(..., vision=False)`` in
     rl/trainer.py), and counts the vision tower whole exactly where the trainer runs it data-parallel in vLLM

@@ -48,7 +48,8 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out: str | os.PathLike, tp: i
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"{cfg_path}: not found; --hf-dir must be a directory written by save_pretrained")
-    d = mapping.Dims.from_hf_config(json.loads(cfg_path.read_text()), source=str(cfg_path))
+    d = mapping.Dims.from_hf_config(json.loads(cfg_path.read_text()), source=str(cfg_path),
+                                    command="tr1 convert hf-to-mcore")
     d.validate(tp, pp)
     source = SafetensorsDir(hf_dir)
     get = mapping.hf_getter(source, d, None, pp, source=str(hf_dir))

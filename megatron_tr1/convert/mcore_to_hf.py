@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -18,11 +19,15 @@ from megatron_tr1.convert import mapping
 from megatron_tr1.convert.checkpoint import HF_SUBDIR, MCoreReader
 from megatron_tr1.convert.hf_to_mcore import DEFAULT_SHARD_BYTES
 from megatron_tr1.convert.storage import ChunkedWriter, atomic_dir, copy_hf_side_files
+from megatron_tr1.models.family import require_supported
 
 
 def convert_mcore_to_hf(mcore_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False,
                         shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> list[str]:
     """Write the HF checkpoint of the tr1 Megatron checkpoint ``mcore_dir`` to ``out``; return its weight files."""
+    config = Path(mcore_dir) / HF_SUBDIR / "config.json"
+    if config.is_file():  # the family first (a missing one is MCoreReader's error)
+        require_supported(config, str(config), "tr1 convert mcore-to-hf")
     reader = MCoreReader(mcore_dir)
     reader.check_all()
     todo = list(mapping.all_params(reader.dims, reader.meta.pp))

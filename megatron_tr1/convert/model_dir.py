@@ -4,9 +4,10 @@ is built.
 ``check_model_dir(path, key)`` looks at what ``model.hf_dir`` (or ``tr1 eval --model``; ``key`` is the name put in
 messages) names, without building or loading anything large: an HF folder, or a tr1 Megatron checkpoint folder
 (``tr1_mcore.json``, its config and tokenizer in ``hf/``), or that ``hf/`` folder itself. It checks that
-``config.json`` is valid JSON of a Qwen2.5-VL model (``model_type: qwen2_5_vl``, sizes that are positive integers)
-and that the weights are there (``*.safetensors`` or a ``model.safetensors.index.json`` whose files exist; for a
-tr1 checkpoint, every rank file its ``tr1_mcore.json`` lists), and names a half-written folder (a staging folder
+``config.json`` is valid JSON of a Qwen2.5-VL model (``model_type: qwen2_5_vl``, read by ``models.family``, which
+names a Qwen3-VL folder as recognised but not yet supported; sizes that are positive integers) and that the weights
+are there (``*.safetensors`` or a ``model.safetensors.index.json`` whose files exist; for a tr1 checkpoint, every
+rank file its ``tr1_mcore.json`` lists), and names a half-written folder (a staging folder
 ``*.tmp`` / ``step_N.tmp-*``, a training checkpoint without ``COMPLETE``, rank folders without ``tr1_mcore.json``)
 as what it is. A folder of another model (GPT-2's config.json would otherwise load as a default-sized
 Qwen2.5-VL, 8192 hidden x 80 layers) or one without weights fails here, in milliseconds, with one clear line.
@@ -19,8 +20,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from megatron_tr1.errors import CheckpointError, ConfigError
+from megatron_tr1.models.family import require_supported
 
-MODEL_TYPE = "qwen2_5_vl"
 _STAGING = re.compile(r".+\.(tmp|old)(-.*)?")  # model.tmp (stage end), step_N.tmp-TAG / .old-PID (rl.checkpoint)
 _STEP_DIR = re.compile(r"step_\d+")
 _TEXT_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -35,6 +36,11 @@ _WHERE_FROM = ("point it at a Qwen2.5-VL folder (e.g. downloaded Qwen/Qwen2.5-VL
 def _name(key: str, path) -> str:
     """``model.hf_dir='x'`` for a config key, ``--model 'x'`` for a command-line option."""
     return f"{key} {str(path)!r}" if key.startswith("-") else f"{key}={str(path)!r}"
+
+
+def _command(key: str) -> str:
+    """The command whose option or config key names the folder (``--model``: tr1 eval; ``model.hf_dir``: tr1 train)."""
+    return {"model.hf_dir": "tr1 train", "--model": "tr1 eval"}.get(key, f"{key} (tr1 train / eval)")
 
 
 def _last_line(e: Exception) -> str:
@@ -69,7 +75,7 @@ def check_model_dir(path: str | Path, key: str = "model.hf_dir") -> tuple[Path, 
         side, weights = path, path
     else:
         _not_a_model_folder(path, name)
-    _check_config_json(side / "config.json", name)
+    _check_config_json(side / "config.json", name, key)
     if weights == side:
         _check_hf_weights(weights, name)
     else:
@@ -95,9 +101,9 @@ def _not_a_model_folder(path: Path, name: str) -> NoReturn:
     raise ConfigError(f"{name}: no config.json there; {_WHERE_FROM}")
 
 
-def _check_config_json(cfg_path: Path, name: str) -> None:
-    """config.json: a JSON object of model_type qwen2_5_vl whose sizes are positive integers, that transformers'
-    ``Qwen2_5_VLConfig`` accepts."""
+def _check_config_json(cfg_path: Path, name: str, key: str) -> None:
+    """config.json: a JSON object of model_type qwen2_5_vl (``models.family``: Qwen3-VL is named and refused) whose
+    sizes are positive integers, that transformers' ``Qwen2_5_VLConfig`` accepts."""
     if not cfg_path.is_file():
         raise CheckpointError(f"{name}: {cfg_path} is missing; the checkpoint is incomplete, save or convert it again")
     try:
@@ -110,13 +116,8 @@ def _check_config_json(cfg_path: Path, name: str) -> None:
                           f"config.json") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: {cfg_path} must be a JSON object, got a {type(raw).__name__}")
-    model_type = raw.get("model_type")
-    if model_type is None:
-        raise ConfigError(f"{name}: {cfg_path} has no model_type; a Qwen2.5-VL config.json has "
-                          f"\"model_type\": \"{MODEL_TYPE}\"; {_WHERE_FROM}")
-    if model_type != MODEL_TYPE:
-        raise ConfigError(f"{name}: {cfg_path} is of model_type {model_type!r}, not Qwen2.5-VL (model_type "
-                          f"{MODEL_TYPE!r}); {_WHERE_FROM}")
+    # the family, in one place (models/family.py): another model's folder, or Qwen3-VL, which only tr1 plan sizes
+    require_supported(raw, f"{name}: {cfg_path}", _command(key), hint=_WHERE_FROM)
     text, vision = raw.get("text_config"), raw.get("vision_config")
     for section, value in (("text_config", text), ("vision_config", vision)):
         if value is not None and not isinstance(value, dict):

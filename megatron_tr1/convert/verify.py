@@ -41,6 +41,7 @@ import torch
 
 from megatron_tr1.convert.checkpoint import HF_SUBDIR, read_meta
 from megatron_tr1.errors import ConfigError
+from megatron_tr1.models.family import require_supported
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_RTOL = 1e-4  # float32: tolerance relative to max|HF logit|; also the absolute floor of the noise test
@@ -222,6 +223,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.noise_factor <= 0:
         raise ConfigError(f"--noise-factor {args.noise_factor:g}: must be > 0")
+    # the family first (models/family.py): a Qwen3-VL folder is named as such, not read as a Qwen2.5-VL one
+    require_supported(Path(args.hf_dir), f"--hf-dir {args.hf_dir}", "tr1 verify")
     meta = read_meta(args.mcore_dir)
     tp, pp = args.tp or meta.tp, args.pp or meta.pp
     backend = resolve(args.spec)

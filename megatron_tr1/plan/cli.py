@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from megatron_tr1.errors import ConfigError
-from megatron_tr1.plan.layouts import Layout, enumerate_layouts, rank_key, recommend, vision_blockers
+from megatron_tr1.models.family import NAMES, QWEN3_VL_NEEDS, SUPPORTED
+from megatron_tr1.plan.layouts import Layout, enumerate_layouts, excluded_pp, rank_key, recommend, vision_blockers
 from megatron_tr1.plan.memory import BF16, Breakdown, GiB, Workload, layout_peak, max_vllm_share, stage_breakdowns
 from megatron_tr1.plan.models import BUILTIN, ModelSpec, load_model
 from megatron_tr1.plan.params import total_params, vision_tower
@@ -84,9 +85,11 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
 
 def describe(spec: ModelSpec) -> str:
     t, v = spec.text, spec.vision
-    return (f"{spec.name}: LM hidden {t.hidden}, {t.layers} layers, {t.heads} heads / {t.kv_heads} query groups, "
-            f"FFN {t.ffn}, vocab {t.vocab} ({'tied' if t.tied else 'untied'}); "
-            f"vision {v.depth} blocks x {v.hidden}, {v.heads} heads, FFN {v.ffn}")
+    qk_norm = f", head_dim {t.head_dim}, QK-norm" if t.qk_norm else ""
+    deepstack = f", DeepStack from blocks {list(v.deepstack)}" if v.deepstack else ""
+    return (f"{spec.name} ({NAMES[spec.family]}): LM hidden {t.hidden}, {t.layers} layers, {t.heads} heads / "
+            f"{t.kv_heads} query groups{qk_norm}, FFN {t.ffn}, vocab {t.vocab} ({'tied' if t.tied else 'untied'}); "
+            f"vision {v.depth} blocks x {v.hidden}, {v.heads} heads, FFN {v.ffn}{deepstack}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -103,6 +106,9 @@ def main(args: argparse.Namespace) -> int:
 
     n, n_vision = total_params(spec), vision_tower(spec.vision).total
     print(describe(spec))
+    if spec.family not in SUPPORTED:
+        print(f"note: {NAMES[spec.family]} is planned only: tr1 train / eval / convert / verify do not run it yet "
+              f"(they need {QWEN3_VL_NEEDS}; issue 23)")
     print(f"params={n}")
     print(f"({n / 1e9:.2f}B: vision {n_vision / 1e9:.3f}B, language {(n - n_vision) / 1e9:.3f}B)")
     micro = (f"packed micro-batches of {w.tokens_per_micro_batch} tokens (<= {w.micro_batch} sequences of <= "
@@ -119,6 +125,8 @@ def main(args: argparse.Namespace) -> int:
           f"overhead {w.rollout_overhead_gib:g} GiB")
     for tp, reasons in excluded.items():
         print(f"excluded TP={tp}: {'; '.join(reasons)}")
+    for pp, reasons in excluded_pp(spec).items():
+        print(f"excluded PP={pp}: {'; '.join(reasons)}")
     for tp, reasons in rollout_excluded.items():
         print(f"excluded rollout TP={tp}: {'; '.join(reasons)}")
     for r in rollouts:

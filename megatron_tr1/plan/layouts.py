@@ -2,10 +2,12 @@
 
 TP must divide the attention heads, the query groups, the vocabulary, the vision heads, both FFN widths and the
 vision merger's width (megatron-core's column-parallel linears assert it; Qwen2.5-VL's vision FFN of 3420 = 4 * 855
-rules out training TP 8), and ``--gpus-per-node`` so a TP group never leaves a node. PP must divide the decoder
-layers. TP * PP must divide the GPU count; DP is the rest. A layout also needs a rollout TP whose vLLM engine fits
-its share (``plan/rollout.py``: that TP needs only the language model's sizes divided; a vision tower it does not
-divide runs whole on every rank): ``recommend`` takes that answer as ``rollout_fits``.
+rules out training TP 8; Qwen3-VL's 4096 / 4304 and 8 query groups allow it), and ``--gpus-per-node`` so a TP group
+never leaves a node. PP must divide the decoder layers, and for Qwen3-VL leave on the first stage (with the vision
+tower) every LM layer DeepStack adds vision features to: layers 0 .. k-1 for k ``deepstack_visual_indexes``
+(``pp_blockers``). TP * PP must divide the GPU count; DP is the rest. A layout also needs a rollout TP whose vLLM
+engine fits its share (``plan/rollout.py``: that TP needs only the language model's sizes divided; a vision tower it
+does not divide runs whole on every rank): ``recommend`` takes that answer as ``rollout_fits``.
 """
 from __future__ import annotations
 
@@ -58,6 +60,23 @@ def tp_blockers(spec: ModelSpec, tp: int, gpus_per_node: int) -> list[str]:
                                        if gpus_per_node % tp else [])
 
 
+def pp_blockers(spec: ModelSpec, pp: int) -> list[str]:
+    """Why ``pp`` cannot split this model's decoder layers (it must divide them; with DeepStack, the first stage
+    must hold the LM layers DeepStack feeds); empty when it can."""
+    layers, fed = spec.text.layers, len(spec.vision.deepstack)
+    if layers % pp:
+        return [f"{layers} decoder layers are not divisible by {pp}"]
+    if layers // pp < fed:
+        return [f"DeepStack adds vision features to LM layers 0-{fed - 1}, which must sit on pipeline stage 0 with "
+                f"the vision tower, but {pp} stages leave stage 0 {layers // pp} of the {layers} layers"]
+    return []
+
+
+def excluded_pp(spec: ModelSpec) -> dict[int, list[str]]:
+    """The PP sizes dividing the decoder layers that ``pp_blockers`` still rules out, with their reasons."""
+    return {p: reasons for p in divisors(spec.text.layers) if (reasons := pp_blockers(spec, p))}
+
+
 def enumerate_layouts(spec: ModelSpec, gpus_per_node: int, nodes: int, tp: int | None = None,
                       pp: int | None = None) -> tuple[list[Layout], dict[int, list[str]]]:
     """Valid layouts (optionally pinned to ``tp`` / ``pp``), and the TP sizes ruled out with their reasons."""
@@ -72,6 +91,8 @@ def enumerate_layouts(spec: ModelSpec, gpus_per_node: int, nodes: int, tp: int |
             raise ConfigError(f"--tp {tp} cannot shard {spec.name}: " + "; ".join(reasons))
     if pp is not None and (pp < 1 or layers % pp):
         raise ConfigError(f"--pp {pp}: must divide the {layers} decoder layers of {spec.name}")
+    if pp is not None and (reasons := pp_blockers(spec, pp)):
+        raise ConfigError(f"--pp {pp} cannot split {spec.name}: " + "; ".join(reasons))
     if tp is not None and pp is not None and world % (tp * pp):
         raise ConfigError(f"--tp {tp} x --pp {pp} = {tp * pp} does not divide the {world} GPUs "
                           f"({nodes} nodes x {gpus_per_node})")
@@ -82,7 +103,7 @@ def enumerate_layouts(spec: ModelSpec, gpus_per_node: int, nodes: int, tp: int |
             excluded[t] = reasons
             continue
         for p in [pp] if pp is not None else divisors(layers):
-            if world % (t * p) == 0:
+            if world % (t * p) == 0 and not pp_blockers(spec, p):
                 layouts.append(Layout(t, p, world // (t * p)))
     if not layouts:
         raise ConfigError(f"--pp {pp} does not divide the {world} GPUs ({nodes} nodes x {gpus_per_node})")

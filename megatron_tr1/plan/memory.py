@@ -16,11 +16,14 @@ terms, dropout 0 so no masks) with s tokens, b sequences, hidden h, g query grou
       attention: norm input 2h + QKV input 2h + Q 2h + K, V 4gd + core-attention output 2h = 8h + 4gd
       SwiGLU MLP: norm input 2h + fc1 input 2h + gate|up output 4f + fc2 input 2f       = 4h + 6f
 (for MHA, g*d = h, and a GELU MLP of f = 4h, where 6f becomes 4f, this is 32sbh/TP: the paper's 34sbh/TP with
-selective recompute less its two 1-byte dropout masks). A vision block is the same with
-g*d = h_v over s_v = visual_tokens * merge^2 patches per sequence. Full recompute keeps only each layer's input,
-2sbh/TP, plus one layer's A_layer while it is recomputed in backward. Under 1F1B, stage i holds PP - i micro-batches
+selective recompute less its two 1-byte dropout masks). Where the query width q = heads x head_dim is not h
+(Qwen3-VL-4B: 32 x 128 = 4096 against h = 2560) the Q and core-attention terms are 2q each: 8h + 4q + 4gd + 6f;
+QK-norm (Qwen3) keeps its inputs too, + 2q + 2gd. A vision block is the same with g*d = q = h_v over
+s_v = visual_tokens * merge^2 patches per sequence, and 4f for a GELU MLP (Qwen3-VL: fc1 output and GELU output).
+Full recompute keeps only each layer's input, 2sbh/TP, plus one layer's A_layer while it is recomputed in backward. Under 1F1B, stage i holds PP - i micro-batches
 in flight (at least PP micro-batches per step assumed), so stage 0 carries the most: the vision tower plus
-PP * L/PP layers. Embedding and final-norm activations are small and left out.
+PP * L/PP layers. Embedding, final-norm and patch-merger (Qwen3-VL's DeepStack mergers too) activations are small
+and left out.
 
 Logits (last stage, b*s tokens): unfused, the policy, old and reference passes each materialise fp32
 [tokens, V/TP] logits, 3 * b*s * V/TP * 4 bytes; the fused linear-log-prob kernels keep only per-token fp32
@@ -129,9 +132,13 @@ class Breakdown:
         return self.peak_sleep if self.workload.vllm_sleep else self.peak_awake
 
 
-def layer_activation_bytes(tokens: int, hidden: int, kv_width: int, ffn: int, tp: int) -> float:
-    """A_layer of the module docstring; ``kv_width`` = query groups x head dim."""
-    return tokens * (12 * hidden + 4 * kv_width + 6 * ffn) / tp
+def layer_activation_bytes(tokens: int, hidden: int, kv_width: int, ffn: int, tp: int, q_width: int | None = None,
+                           gated: bool = True, qk_norm: bool = False) -> float:
+    """A_layer of the module docstring; ``kv_width`` = query groups x head dim, ``q_width`` = heads x head dim
+    (default ``hidden``); ``gated``: a SwiGLU MLP (6f), else GELU (4f); ``qk_norm``: the q and k norms' inputs."""
+    q = hidden if q_width is None else q_width
+    norms = 2 * q + 2 * kv_width if qk_norm else 0
+    return tokens * (8 * hidden + 4 * q + 4 * kv_width + (6 if gated else 4) * ffn + norms) / tp
 
 
 def activation_bytes(spec: ModelSpec, w: Workload, tp: int, pp: int, stage: int, recompute: bool) -> float:
@@ -139,13 +146,14 @@ def activation_bytes(spec: ModelSpec, w: Workload, tp: int, pp: int, stage: int,
     t, v = spec.text, spec.vision
     tokens = w.tokens
     in_flight = pp - stage
-    blocks = [(tokens, t.hidden, t.kv_heads * t.head_dim, t.ffn, t.layers // pp)]
+    blocks = [(tokens, t.hidden, t.kv_heads * t.head_dim, t.ffn, t.layers // pp,
+               dict(q_width=t.q_width, qk_norm=t.qk_norm))]
     if stage == 0:
         patches = w.patches * v.merge ** 2
-        blocks.append((patches, v.hidden, v.hidden, v.ffn, v.depth))
+        blocks.append((patches, v.hidden, v.hidden, v.ffn, v.depth, dict(gated=v.gated)))
     total = 0.0
-    for n, h, kv, f, count in blocks:
-        full = layer_activation_bytes(n, h, kv, f, tp)
+    for n, h, kv, f, count, shape in blocks:
+        full = layer_activation_bytes(n, h, kv, f, tp, **shape)
         if recompute:
             total += in_flight * count * n * h * BF16 / tp + full
         else:

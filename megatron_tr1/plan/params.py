@@ -1,8 +1,9 @@
 """Parameter counts: the whole model (as ``transformers`` builds it) and per GPU under Megatron TP x PP.
 
 Megatron shards column-parallel weights and biases (QKV, gate/up, merger fc1, the vocab-parallel embedding and
-output layer) and row-parallel weights (attention out, down, merger fc2) over TP; norms, row-parallel biases and
-the vision patch embedding are replicated on every TP rank. Pipeline stage 0 holds the vision tower, the
+output layer) and row-parallel weights (attention out, down, merger fc2) over TP; norms (QK-norm too), row-parallel
+biases, the vision patch embedding and Qwen3-VL's learned vision position embedding are replicated on every TP rank.
+Qwen3-VL's DeepStack mergers are sharded like the merger. Pipeline stage 0 holds the vision tower, the
 embedding and the first L/PP decoder layers; the last stage holds the final norm and the output layer. Tied
 embeddings are counted once in the model total, but with PP > 1 the last stage keeps its own copy of the word
 embeddings for the output layer (Megatron all-reduces their grads between the first and last stage).
@@ -38,25 +39,41 @@ class Count:
 
 
 def decoder_layer(t: TextSpec) -> Count:
-    """q/k/v with bias, o without, SwiGLU gate/up/down without bias, two RMSNorms."""
-    q, kv = t.heads * t.head_dim, t.kv_heads * t.head_dim
-    qkv = t.hidden * (q + 2 * kv) + (q + 2 * kv)
-    return Count(sharded=qkv + q * t.hidden + 3 * t.hidden * t.ffn, replicated=2 * t.hidden)
+    """q/k/v (biased in Qwen2.5), o (biased only with Qwen3's attention_bias), SwiGLU gate/up/down without bias, two
+    RMSNorms, and with QK-norm (Qwen3) an RMSNorm of head_dim on q and one on k, replicated like the others."""
+    q, kv = t.q_width, t.kv_heads * t.head_dim
+    qkv = t.hidden * (q + 2 * kv) + (q + 2 * kv if t.qkv_bias else 0)
+    replicated = 2 * t.hidden + (2 * t.head_dim if t.qk_norm else 0) + (t.hidden if t.o_bias else 0)
+    return Count(sharded=qkv + q * t.hidden + 3 * t.hidden * t.ffn, replicated=replicated)
+
+
+def _norm(v: VisionSpec, width: int) -> int:
+    return 2 * width if v.layer_norm else width
 
 
 def vision_block(v: VisionSpec) -> Count:
-    """Fused qkv and proj with bias, SwiGLU gate/up/down with bias, two RMSNorms."""
+    """Fused qkv and proj with bias, the MLP with bias (SwiGLU gate/up/down, or Qwen3-VL's GELU fc1/fc2), two norms
+    (RMSNorm, or LayerNorm with its bias)."""
     h, f = v.hidden, v.ffn
-    sharded = (3 * h * h + 3 * h) + h * h + 2 * (h * f + f) + f * h
-    return Count(sharded=sharded, replicated=h + h + 2 * h)  # proj bias, down bias, norms
+    mlp = 2 * (h * f + f) + f * h if v.gated else (h * f + f) + f * h
+    sharded = (3 * h * h + 3 * h) + h * h + mlp
+    return Count(sharded=sharded, replicated=h + h + 2 * _norm(v, h))  # proj bias, down bias, norms
+
+
+def merger(v: VisionSpec, norm_width: int) -> Count:
+    """A patch merger: a norm over ``norm_width`` (the patch width; a DeepStack merger's, the merged width), fc1 +
+    GELU and fc2 into the LM width; fc1 column-parallel (bias sharded), fc2 row-parallel (bias replicated)."""
+    m = v.hidden * v.merge ** 2
+    return Count(sharded=m * m + m + m * v.out_hidden, replicated=_norm(v, norm_width) + v.out_hidden)
 
 
 def vision_tower(v: VisionSpec) -> Count:
-    """Conv3d patch embedding (no bias), the blocks, and the merger (RMSNorm, fc1 + GELU, fc2)."""
-    patch = v.in_channels * v.temporal_patch * v.patch * v.patch * v.hidden
-    m = v.hidden * v.merge ** 2
-    merger = Count(sharded=m * m + m + m * v.out_hidden, replicated=v.hidden + v.out_hidden)
-    return Count(replicated=patch) + vision_block(v) * v.depth + merger
+    """Conv3d patch embedding (biased in Qwen3-VL), Qwen3-VL's learned position embedding, the blocks, the merger
+    and Qwen3-VL's DeepStack mergers (one per ``deepstack`` index, their norm over the merged width)."""
+    patch = v.in_channels * v.temporal_patch * v.patch * v.patch * v.hidden + (v.hidden if v.patch_bias else 0)
+    deepstack = merger(v, v.hidden * v.merge ** 2) * len(v.deepstack)
+    return (Count(replicated=patch + v.pos_embeddings * v.hidden) + vision_block(v) * v.depth + merger(v, v.hidden)
+            + deepstack)
 
 
 def word_embeddings(t: TextSpec) -> Count:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_tr1.errors import ConfigError
+from megatron_tr1.models.family import QWEN2_5_VL, require_supported
 
 
 def _last_line(e: Exception) -> str:
@@ -50,10 +51,14 @@ class Dims:
         return self.v_hidden * self.v_merge ** 2
 
     @classmethod
-    def from_hf_config(cls, config: Any, source: str = "config.json") -> "Dims":
-        """From a ``Qwen2_5_VLConfig``, or a config.json dict in the transformers 4 or 5 layout."""
+    def from_hf_config(cls, config: Any, source: str = "config.json",
+                       command: str = "tr1 train / eval / convert / verify") -> "Dims":
+        """From a ``Qwen2_5_VLConfig``, or a config.json dict in the transformers 4 or 5 layout. Another family's
+        config (Qwen3-VL: recognised, not yet supported) is refused, naming ``command`` (``models.family``)."""
         from transformers import Qwen2_5_VLConfig
 
+        # without a model_type: a Qwen2.5-VL config (the older flat layout); Qwen2_5_VLConfig would read any other
+        require_supported(config, source, command, default=QWEN2_5_VL)
         if isinstance(config, Mapping):
             try:
                 config = Qwen2_5_VLConfig.from_dict(dict(config))
