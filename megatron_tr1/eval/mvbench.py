@@ -238,14 +238,19 @@ def main(args) -> int:
     metrics = summarize(rows)
     print_table(metrics, f"{extra['predictor']} on {args.data} (MVBench, {args.protocol} protocol)")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
         run = {"task": "mvbench", "data": args.data, "protocol": args.protocol, **extra,
                "skipped_undecodable": len(samples) - len(rows), "skipped_records": dict(loaded.skipped)}
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
-        (out / "run.json").write_text(json.dumps(run, indent=1) + "\n", encoding="utf-8")
-        print(f"wrote predictions.jsonl, metrics.json and run.json to {out}")
+        write_outputs(Path(args.out), rows, metrics, run)
+        print(f"wrote predictions.jsonl, metrics.json and run.json to {args.out}")
     return 0
+
+
+def write_outputs(out: Path, rows: Sequence[dict], metrics: dict, run: dict | None = None) -> None:
+    """``predictions.jsonl`` (one row per record), ``metrics.json`` and, when given, ``run.json`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+    if run is not None:
+        (out / "run.json").write_text(json.dumps(run, indent=1) + "\n", encoding="utf-8")

@@ -86,8 +86,6 @@ class StageEvaluator:
     def videoqa(self, stage: str, split: str, out: Path, write: bool) -> dict:
         """Multiple-choice accuracy of the engine's weights on ``split`` as ``tr1 eval --task mvbench --protocol
         custom`` scores it (``eval.mvbench``); with ``write`` the rows and metrics go to ``out/<split>/``."""
-        import json
-
         from megatron_tr1.eval import mvbench
 
         samples = self.samples_of(split)
@@ -97,9 +95,7 @@ class StageEvaluator:
                              "custom")
         metrics = mvbench.summarize(rows)
         if write:
-            (out / split).mkdir(parents=True, exist_ok=True)
-            (out / split / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            (out / split / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+            mvbench.write_outputs(out / split, rows, metrics)
         return metrics["overall"]
 
     def protocol(self, stage: str, protocol: str, out: Path, write: bool) -> dict:
