@@ -127,7 +127,7 @@ def _importable(module: str) -> bool:
 
 def run(device: str, durations: list[float], resolutions: list[str], source_fps: int, repeats: int,
         workdir: Path) -> list[dict]:
-    from megatron_tr1.data.video import write_video
+    from megatron_tr1.data.video_writer import write_video
 
     rows = []
     for res in resolutions:

@@ -62,6 +62,7 @@ class Sample:
     problem: str | None = None
     task: str = "temporal_grounding"  # megatron_tr1.tasks: how it is prompted, rewarded and scored
     answer: str | None = None  # videoqa_mc: the correct option's letter (start/end: the clip, 0/0 = whole video)
+    clip: tuple[float, float] | None = None  # seconds of the video the prompt shows (None: all of it)
 
     @property
     def gt(self) -> tuple[float, float]:

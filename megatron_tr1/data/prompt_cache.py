@@ -5,8 +5,9 @@ A video that cannot be decoded (unreadable, truncated, no frames) raises ``DataE
 training and ``tr1 eval --lenient`` call ``prompts_or_skip``, which leaves such a sample out instead,
 remembers the video (never decoded again), warns once per video and counts it per reason (``skipped``).
 
-``sample_prompt`` decodes a sample's frames with a ``data.video.VideoBudget`` and builds its ``RolloutPrompt``;
-``prompt_in_mode`` re-encodes only the text of a prompt (another query or mode on the same frames).
+``sample_prompt`` decodes a sample's frames with a ``data.video.VideoBudget`` (only its ``clip`` where it has one)
+and builds its ``RolloutPrompt``; ``prompt_in_mode`` re-encodes only the text of a prompt (another query or mode on
+the same frames). Frames are kept per video and clip: two clips of one file are two entries.
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ log = logging.getLogger(__name__)
 def sample_prompt(sample: Sample, tokenizer, hf_config, video, think: bool | str) -> RolloutPrompt:
     """``sample``'s prompt in the mode ``think`` (``data.prompt``: True, False, "r1", "custom"), its frames
     decoded with the budget ``video`` (``data.video.VideoBudget``)."""
+    start, end = sample.clip if sample.clip is not None else (None, None)
     frames = sample_frames(sample.video, fps=video.fps, min_frames=video.min_frames, max_frames=video.max_frames,
-                           total_pixels=video.total_pixels, min_pixels=video.min_pixels)
+                           total_pixels=video.total_pixels, min_pixels=video.min_pixels, start=start, end=end)
     return build_prompt(tokenizer, hf_config, sample.query, frames, think, sample.problem)
 
 
@@ -63,27 +65,29 @@ class PromptCache:
             try:
                 out.append(self.get(s, think))
             except DataError as e:
-                reason = "missing video" if not os.path.exists(s.video) else "undecodable video"
-                if str(s.video) not in self.bad:
+                reason = ("missing video" if not os.path.exists(s.video) else
+                          "clip too short" if s.clip is not None and "the clip" in str(e) else "undecodable video")
+                if _video_key(s) not in self.bad:
                     log.warning("skipping sample %s: %s", s.id, e)
-                self.bad[str(s.video)] = str(e)
+                self.bad[_video_key(s)] = str(e)
                 self.skipped[reason] += 1
                 out.append(None)
         return out
 
     def get(self, sample: Sample, think: bool | str) -> RolloutPrompt:
         key = (user_text(sample.query, think, sample.problem), think)
-        origin = (str(sample.video), sample.query, think, sample.problem)
-        if str(sample.video) in self.bad:
-            raise DataError(self.bad[str(sample.video)])
-        prompts = self._videos.get(str(sample.video))
+        origin = (str(sample.video), sample.query, think, sample.problem, sample.clip)
+        video = _video_key(sample)
+        if video in self.bad:
+            raise DataError(self.bad[video])
+        prompts = self._videos.get(video)
         if prompts is None:
             prompt = sample_prompt(sample, self.tokenizer, self.hf_config, self.video, think)
             prompt = dataclasses.replace(prompt, key=origin)
             self.decodes += 1
-            self._keep(str(sample.video), key, prompt)
+            self._keep(video, key, prompt)
             return prompt
-        self._videos.move_to_end(str(sample.video))
+        self._videos.move_to_end(video)
         if key not in prompts:
             prompts[key] = dataclasses.replace(
                 prompt_in_mode(next(iter(prompts.values())), sample.query, self.tokenizer, think, sample.problem),
@@ -91,11 +95,11 @@ class PromptCache:
         return prompts[key]
 
     def from_key(self, key: tuple) -> RolloutPrompt:
-        """The prompt a ``RolloutPrompt.key`` names (``(video, query, think, problem)``), built here as ``get``
+        """The prompt a ``RolloutPrompt.key`` names (``(video, query, think, problem, clip)``), built here as ``get``
         builds it."""
-        video, query, think, problem = key
+        video, query, think, problem, clip = key
         return self.get(Sample(video=video, query=query, start=0.0, end=0.0, duration=None, dataset="",
-                               id=f"{video}#{query}", problem=problem), think)
+                               id=f"{video}#{query}", problem=problem, clip=clip), think)
 
     def _keep(self, video: str, key: tuple, prompt: RolloutPrompt) -> None:
         size = _nbytes(prompt)
@@ -106,6 +110,11 @@ class PromptCache:
             self.nbytes -= _nbytes(next(iter(old.values())))  # a video's prompts share its patches and frames
         self._videos[video] = {key: prompt}
         self.nbytes += size
+
+
+def _video_key(sample: Sample) -> str:
+    """Where a sample's frames are kept: its video, and its clip where it has one."""
+    return str(sample.video) if sample.clip is None else f"{sample.video}@{sample.clip[0]:g}-{sample.clip[1]:g}s"
 
 
 def _nbytes(prompt: RolloutPrompt) -> int:

@@ -30,7 +30,7 @@ import yaml
 from tqdm import tqdm
 
 from megatron_tr1.data.synthetic_mc import write_mc_split
-from megatron_tr1.data.video import write_video
+from megatron_tr1.data.video_writer import write_video
 from megatron_tr1.errors import ConfigError
 
 PROBLEM = 'Give the query: "{query}", when does the described content occur in the video?'

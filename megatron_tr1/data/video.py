@@ -1,4 +1,4 @@
-"""Video files: write them (synthetic data, tests) and sample frames from them the way qwen-vl-utils does.
+"""Video files: sample frames from them the way qwen-vl-utils does (``data.video_writer`` writes them).
 
 ``sample_frames`` counts frames (container metadata, else by demuxing packets), picks indices with
 ``smart_nframes``, decodes only those, and resizes them to ``frame_size`` with torchvision's bicubic
@@ -17,7 +17,6 @@ chroma, which differs only at sharp colour edges.)
 from __future__ import annotations
 
 import dataclasses
-import fractions
 import functools
 import math
 from pathlib import Path
@@ -75,52 +74,6 @@ class VideoBudget:
 # codec name -> (PyAV encoder, pixel format, encoder options, allowed container extensions).
 # Near-lossless (low CRF) so decode tests can compare pixels; the fast presets lose nothing at these CRFs.
 # MJPEG uses full-range yuvj420p, its standard 4:2:0 format (FFmpeg's MJPEG encoder rejects yuv420p).
-_CODECS = {
-    "h264": ("libx264", "yuv420p", {"crf": "10", "preset": "veryfast"}, (".mp4", ".mkv")),
-    "vp9": ("libvpx-vp9", "yuv420p", {"crf": "4", "b": "0", "deadline": "realtime", "cpu-used": "8"},
-            (".webm", ".mkv")),
-    "mjpeg": ("mjpeg", "yuvj420p", {"q:v": "2"}, (".avi", ".mkv")),
-}
-
-
-def write_video(path: str | Path, frames, fps: float, codec: str = "h264") -> None:
-    """Encode RGB frames (uint8 numpy/torch ``[T, H, W, 3]``, H and W even) to ``path`` at ``fps``.
-
-    ``codec`` is ``"h264"`` (.mp4/.mkv), ``"vp9"`` (.webm/.mkv) or ``"mjpeg"`` (.avi/.mkv), 4:2:0 chroma.
-    The same frames give the same bytes, except that libx264 (FFmpeg 8 in PyAV 18) now and then rounds a few pixels
-    otherwise: 8 generations of 16 synthetic 64x64 videos gave 4-8 videos with other bytes, decoded up to
-    13 levels apart in up to 10 % of their pixels (mean 0.15). A single x264 thread and zeroed row padding, alone or
-    together, did not remove it.
-    """
-    import av
-
-    path = Path(path)
-    if codec not in _CODECS:
-        raise DataError(f"write_video({str(path)!r}): unknown codec {codec!r}; choose from {sorted(_CODECS)}")
-    encoder, pix_fmt, options, exts = _CODECS[codec]
-    if path.suffix.lower() not in exts:
-        raise DataError(f"write_video({str(path)!r}): codec {codec!r} needs a file ending in {' or '.join(exts)}")
-    if isinstance(frames, torch.Tensor):
-        frames = frames.detach().cpu().numpy()
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
-        got = f"{frames.dtype} {list(frames.shape)}"
-        raise DataError(f"write_video({str(path)!r}): frames must be uint8 [T>0, H, W, 3] RGB, got {got}")
-    _, height, width, _ = frames.shape
-    if height % 2 or width % 2:
-        raise DataError(f"write_video({str(path)!r}): 4:2:0 video needs even height and width, got {height}x{width}")
-    if not (fps > 0 and np.isfinite(fps)):
-        raise DataError(f"write_video({str(path)!r}): fps must be a positive number, got {fps!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w", options={"fflags": "+bitexact"}) as container:  # no random container ids
-        stream = container.add_stream(encoder, rate=fractions.Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        stream.options = dict(options)
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        container.mux(stream.encode())
-
-
 @dataclasses.dataclass
 class VideoInfo:
     """What ``probe_video`` reads from the container without decoding."""
@@ -170,9 +123,27 @@ def smart_nframes(
     return nframes
 
 
-def frame_indices(total_frames: int, nframes: int) -> torch.Tensor:
-    """``linspace(0, total_frames - 1, nframes).round()`` in float32, as qwen-vl-utils (round half to even)."""
-    return torch.linspace(0, total_frames - 1, nframes).round().long()
+def frame_indices(total_frames: int, nframes: int, first: int = 0, last: int | None = None) -> torch.Tensor:
+    """``linspace(first, last, nframes).round()`` in float32 (``last`` defaults to ``total_frames - 1``), as
+    qwen-vl-utils (round half to even)."""
+    return torch.linspace(first, total_frames - 1 if last is None else last, nframes).round().long()
+
+
+def clip_frame_range(total_frames: int, video_fps: float, start: float | None, end: float | None,
+                     where: str = "video") -> tuple[int, int]:
+    """The first and last frame of the clip ``[start, end]`` seconds (None: the video's own bound), as qwen-vl-utils'
+    ``calculate_video_frame_range`` (``video_start`` / ``video_end``): times clamped to the video, the first frame
+    rounded up, the last rounded down; DataError when the clip holds fewer than two frames."""
+    if start is None and end is None:
+        return 0, total_frames - 1
+    duration = total_frames / video_fps
+    first = math.ceil(max(0.0, min(start, duration)) * video_fps) if start is not None else 0
+    last = min(math.floor(max(0.0, min(end, duration)) * video_fps), total_frames - 1) if end is not None \
+        else total_frames - 1
+    if first >= last:
+        raise DataError(f"{where}: the clip start={start} end={end} s holds frames {first}..{last} of "
+                        f"{total_frames} ({duration:.2f} s at {video_fps:g} fps); it needs at least two frames")
+    return first, last
 
 
 def max_pixels_per_frame(nframes: int, total_pixels: int = TOTAL_PIXELS, min_pixels: int = MIN_PIXELS) -> float:
@@ -261,19 +232,24 @@ def probe_video(path: str | Path) -> VideoInfo:
 def sample_frames(
     path: str | Path, fps: float = FPS, min_frames: int = FPS_MIN_FRAMES, max_frames: int = FPS_MAX_FRAMES,
     total_pixels: int = TOTAL_PIXELS, min_pixels: int = MIN_PIXELS, backend: str = "auto",
+    start: float | None = None, end: float | None = None,
 ) -> VideoFrames:
     """Sample ``smart_nframes`` frames at ``frame_indices``, resized to ``frame_size`` (qwen-vl-utils
     ``fetch_video`` followed by the HF processor's resize). ``backend``: "auto" (DALI when CUDA and DALI are
-    available, else PyAV), "pyav" or "dali"."""
+    available, else PyAV), "pyav" or "dali". ``start`` / ``end`` (seconds) cut a clip first (qwen-vl-utils'
+    ``video_start`` / ``video_end``: ``clip_frame_range``); the frame count and ``sample_fps`` follow the clip's
+    length, ``timestamps`` stay times in the whole video."""
     backend, device = _pick_backend(backend)
     if total_pixels < min_pixels:
         raise DataError(f"total_pixels ({total_pixels}) must be >= min_pixels ({min_pixels})")
     info = probe_video(path)
+    first, last = clip_frame_range(info.total_frames, info.video_fps, start, end, str(path))
+    count = last - first + 1
     try:
-        nframes = smart_nframes(info.total_frames, info.video_fps, fps, min_frames, max_frames)
+        nframes = smart_nframes(count, info.video_fps, fps, min_frames, max_frames)
     except DataError as e:
         raise DataError(f"{path}: {e}; drop this video from the annotations or re-encode it") from None
-    indices = frame_indices(info.total_frames, nframes)
+    indices = frame_indices(info.total_frames, nframes, first, last)
 
     def size_of(height: int, width: int) -> tuple[int, int]:
         return frame_size(height, width, nframes, total_pixels, min_pixels)
@@ -287,7 +263,7 @@ def sample_frames(
         frames=frames,
         timestamps=indices.double() / info.video_fps,
         indices=indices,
-        sample_fps=nframes / info.total_frames * info.video_fps,
+        sample_fps=nframes / count * info.video_fps,
         duration=info.total_frames / info.video_fps,
         total_frames=info.total_frames,
         video_fps=info.video_fps,

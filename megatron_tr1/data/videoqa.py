@@ -174,14 +174,20 @@ def is_mvbench_file(path: str | Path) -> bool:
     return isinstance(records, list) and bool(records) and isinstance(records[0], dict) and "candidates" in records[0]
 
 
+def clip_of(sample: MCSample) -> tuple[float, float] | None:
+    """The record's clip ``(start, end)`` seconds, None when it has no bounds (the whole video)."""
+    return None if sample.start is None else (sample.start, sample.end)
+
+
 def load_as_samples(path: str | Path, data_folder: str | Path, strict: bool = True, check_videos: bool = True):
     """An MVBench-layout file as training ``Sample``s of the ``videoqa_mc`` task (``data.annotations.Annotations``):
     the question as ``query``, ``mc_user_text`` as ``problem`` (the prompt's user text), the option letter as
-    ``answer``, the clip bounds as ``start`` / ``end`` (0 / 0: the whole video)."""
+    ``answer``, the clip bounds as ``clip`` (the prompt shows only those seconds) and ``start`` / ``end`` (0 / 0: the
+    whole video)."""
     from megatron_tr1.data.annotations import Annotations, Sample
 
     loaded = load_mvbench(path, data_folder, strict, check_videos)
     samples = [Sample(video=s.video, query=s.question, start=s.start or 0.0, end=s.end or 0.0, duration=None,
                       dataset=s.dataset, id=s.id, problem=mc_user_text(s.question, s.candidates), task="videoqa_mc",
-                      answer=s.letter) for s in loaded.samples]
+                      answer=s.letter, clip=clip_of(s)) for s in loaded.samples]
     return Annotations(samples, loaded.skipped, loaded.total)

@@ -187,6 +187,9 @@ def add_arguments(parser) -> None:
                              "first); answer: ours (training prompt, <answer> parsed strictly)")
     parser.add_argument("--no-think", action="store_true", help="with --protocol answer: prompt for the answer "
                                                                 "only (no <think>), as grpo_no_think trains")
+    parser.add_argument("--whole-video", action="store_true",
+                        help="with --task mvbench: sample the whole video file even where a record has start / end "
+                             "(the seed's lmms-eval did; default: the record's clip)")
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout engine for --model")
     parser.add_argument("--max-tokens", type=int, default=4096,
                         help="response budget for --model (default 4096: the seed's lmms-eval model classes "
@@ -261,6 +264,9 @@ def main(args) -> int:
         return mvbench.main(args)
     if args.baseline in ("first", "random"):
         raise ConfigError(f"--baseline {args.baseline} answers multiple-choice questions: use it with --task mvbench")
+    if getattr(args, "whole_video", False):
+        raise ConfigError("--whole-video is for --task mvbench (records with clip bounds); grounding always samples "
+                          "the whole video")
     _check_args(args)
     predictor, extra = build_predictor(args)
     samples = _samples(args.data, args.seed, not args.lenient, labels="verbatim")

@@ -6,9 +6,10 @@ unchanged, and the task yamls):
   post_prompt``; the post-prompt is ``"Only give the best option.\\n"``, what every sub-task's yaml of the seed's era
   gives (``_default_template_yaml`` versions; later versions moved some sub-tasks to "Answer with the option's
   letter from the given choices directly."). The Qwen2.5-VL model class puts it after the video in one user turn,
-  system prompt "You are a helpful assistant." (``--protocol custom``). Frames come from the whole file as that
-  class samples them (it is given the path only): a record's ``start`` / ``end`` are checked and kept in
-  ``predictions.jsonl`` but do not cut the clip.
+  system prompt "You are a helpful assistant." (``--protocol custom``). A record's ``start`` / ``end`` cut the
+  clip (qwen-vl-utils' ``video_start`` / ``video_end``, which lmms-eval's MVBench passes for records with bounds
+  today); ``--whole-video`` samples the whole file instead, as the seed's lmms-eval of early 2025 did (its
+  ``mvbench_doc_to_visual`` returned the path only).
 - **answer** (``mcq_acc``'s ``process``, ``lmms_eval_option``): ``"X. text"`` at the start -> X; else newlines and
   tabs to spaces, its punctuation pass, quotes and parentheses stripped, lower-cased, and the first standalone
   letter a-e (any case, so an article "a" counts) -> its capital; no such letter: the processed text itself. A
@@ -39,7 +40,7 @@ from megatron_tr1.data.annotations import Sample
 from megatron_tr1.data.dataset import load_data_config
 from megatron_tr1.data.prompt import SYSTEM_PROMPT_PLAIN, SYSTEM_PROMPT_THINK, PromptSpec
 from megatron_tr1.data.videoqa import (FORMAT, LETTERS, SYSTEM_PROMPT_MC_NO_THINK, SYSTEM_PROMPT_MC_THINK, MCLoad,
-                                       MCSample, is_mvbench_file, lettered_options, load_mvbench,
+                                       MCSample, clip_of, is_mvbench_file, lettered_options, load_mvbench,
                                        mc_user_text)
 from megatron_tr1.errors import ConfigError, DataError
 from megatron_tr1.rewards import parse_option
@@ -158,11 +159,12 @@ def prompt_mode(protocol: str, think: bool = True) -> PromptSpec:
     return PromptSpec(SYSTEM_PROMPT_PLAIN if protocol == "custom" else SYSTEM_PROMPT_THINK)
 
 
-def as_prompt_sample(s: MCSample, protocol: str) -> Sample:
-    """``s`` as the ``Sample`` a ``PromptCache`` builds prompts from: the protocol's user text as ``problem``."""
+def as_prompt_sample(s: MCSample, protocol: str, whole_video: bool = False) -> Sample:
+    """``s`` as the ``Sample`` a ``PromptCache`` builds prompts from: the protocol's user text as ``problem``, the
+    record's clip (none with ``whole_video``)."""
     text = mc_user_text(s.question, s.candidates) if protocol == "answer" else mvbench_text(s)
     return Sample(video=s.video, query=s.question, start=0.0, end=0.0, duration=None, dataset=s.dataset, id=s.id,
-                  problem=text)
+                  problem=text, clip=None if whole_video else clip_of(s))
 
 
 def load_config(config: str, seed: int = 0, strict: bool = True) -> MCLoad:
@@ -210,8 +212,9 @@ def _model_texts(args, samples: Sequence[MCSample]) -> tuple[list[str | None], d
     predictor = model_predictor.load_model_predictor(args.model, args.engine, budget, think=mode,
                                                      max_tokens=args.max_tokens, name=Path(args.model).name,
                                                      key="--model", lenient=args.lenient)
-    texts = predictor.predict([as_prompt_sample(s, args.protocol) for s in samples])
+    texts = predictor.predict([as_prompt_sample(s, args.protocol, args.whole_video) for s in samples])
     return texts, {"predictor": predictor.name, "model": args.model, "system_prompt": mode.system,
+                   "clips": "whole video" if args.whole_video else "start/end",
                    "engine": args.engine, "max_tokens": args.max_tokens, "video": dataclasses.asdict(budget)}
 
 

@@ -12,6 +12,7 @@ of the seed's table: ``rl.stage_eval.SEED_PROTOCOLS``);
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 from pathlib import Path
@@ -77,7 +78,10 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> dict[str, list]:
             samples[split] = annotations.samples
             check_split_tasks(cfg, split, path, annotations.samples)
             if _rank0():
-                log.info("data.%s: %s %s", split, annotations.summary(), annotations.notes_summary())
+                tasks = collections.Counter(x.task for x in annotations.samples)
+                notes = " ".join(x for x in (annotations.summary(), annotations.notes_summary()) if x)
+                log.info("data.%s: %d samples (%s) from %s%s", split, len(annotations.samples),
+                         ", ".join(f"{t} {n}" for t, n in sorted(tasks.items())), path, f"; {notes}" if notes else "")
     if cfg.eval.videoqa:
         samples |= videoqa_splits(cfg, run_dir / "data" if cfg.data.train is None else None)
     return samples

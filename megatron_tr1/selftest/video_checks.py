@@ -46,7 +46,7 @@ def frame_index(frame: torch.Tensor) -> int:
 
 
 def _write_clip(folder: Path) -> tuple[Path, np.ndarray]:
-    from megatron_tr1.data.video import write_video
+    from megatron_tr1.data.video_writer import write_video
 
     frames = pattern_frames()
     path = folder / "pattern.mp4"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from megatron_tr1.data.video import write_video
+from megatron_tr1.data.video_writer import write_video
 
 LEVEL0, LEVEL_STEP = 16, 6  # frame t has a flat 16x16 top-left block of grey level 16 + 6 t (t < 40)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from megatron_tr1.data.annotations import Sample, load_annotations, sniff_format
-from megatron_tr1.data.video import write_video
+from megatron_tr1.data.video_writer import write_video
 from megatron_tr1.errors import DataError
 
 

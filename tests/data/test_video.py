@@ -13,6 +13,7 @@ from megatron_tr1.data.video import (
     _decode_dali,
     _decode_pyav,
     _pick_backend,
+    clip_frame_range,
     frame_indices,
     frame_size,
     max_pixels_per_frame,
@@ -21,8 +22,8 @@ from megatron_tr1.data.video import (
     sample_frames,
     smart_nframes,
     smart_resize,
-    write_video,
 )
+from megatron_tr1.data.video_writer import write_video
 from megatron_tr1.errors import DataError
 
 from .conftest import decode_all, frame_index, pattern_frames
@@ -194,6 +195,40 @@ def test_sample_frames_budget_arguments(videos):
     assert v.frames.shape == (6, 3, 84, 112)  # upscaled to reach min_pixels
     v = sample_frames(videos["vp9"], fps=0.1, min_frames=3, backend="pyav")
     assert v.indices.tolist() == [0, 10, 19, 29]  # 0.3 frames -> ceil2(3) = 4
+
+
+def _qwen_vl_utils_range(start, end, total_frames, video_fps):
+    """qwen-vl-utils' ``calculate_video_frame_range`` transcribed (its ValueError as None)."""
+    import math
+    max_duration = total_frames / video_fps
+    start_frame = math.ceil(max(0.0, min(start, max_duration)) * video_fps) if start is not None else 0
+    end_frame = (min(math.floor(max(0.0, min(end, max_duration)) * video_fps), total_frames - 1)
+                 if end is not None else total_frames - 1)
+    return None if start_frame >= end_frame else (start_frame, end_frame)
+
+
+@pytest.mark.parametrize("start, end", [(0.95, 2.05), (0.0, 3.0), (-1.0, 9.0), (1.0, None), (None, 1.5), (0.31, 0.4),
+                                        (2.9, 3.5), (1.2, 1.2)])
+def test_clip_frame_range_is_qwen_vl_utils(start, end):
+    want = _qwen_vl_utils_range(start, end, 30, 10.0)
+    if want is None:
+        with pytest.raises(DataError, match="needs at least two frames"):
+            clip_frame_range(30, 10.0, start, end, "v.mp4")
+    else:
+        assert clip_frame_range(30, 10.0, start, end, "v.mp4") == want
+
+
+def test_sample_frames_cuts_the_clip(videos):
+    v = sample_frames(videos["vp9"], backend="pyav", start=0.95, end=2.05)
+    # frames 10..20 (11 frames, 1.1 s): smart_nframes(11) = 4 (min_frames), linspace(10, 20, 4).round()
+    assert v.indices.tolist() == [10, 13, 17, 20] and v.sample_fps == pytest.approx(4 / 11 * 10.0)
+    assert [frame_index(f.numpy()) for f in v.frames] == [10, 13, 17, 20]  # decoded where the clip is
+    assert torch.allclose(v.timestamps, torch.tensor([1.0, 1.3, 1.7, 2.0], dtype=torch.float64))
+    assert v.duration == 3.0 and v.total_frames == 30  # the file's, not the clip's
+    whole = sample_frames(videos["vp9"], backend="pyav", start=None, end=None)
+    assert whole.indices.tolist() == [0, 6, 12, 17, 23, 29]
+    with pytest.raises(DataError, match="pattern_vp9.webm: the clip start=2.95 end=4.0 s holds frames 30..29"):
+        sample_frames(videos["vp9"], backend="pyav", start=2.95, end=4.0)
 
 
 def test_pyav_decodes_the_requested_frames(videos):

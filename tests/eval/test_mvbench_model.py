@@ -51,3 +51,39 @@ def test_model_end_to_end(setup, tmp_path, monkeypatch, protocol, extra, system,
     assert len(seen) == 4 and all(system in p for p in seen) and any(text in p for p in seen)
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert all(isinstance(r["raw"], str) for r in rows)
+
+
+@pytest.mark.parametrize("whole_video", [False, True])
+def test_records_with_start_end_see_only_their_clip(setup, tmp_path, monkeypatch, whole_video):
+    """A record's ``start`` / ``end`` cut the frames the model sees (qwen-vl-utils' video_start / video_end);
+    ``--whole-video`` samples the whole file as the seed's lmms-eval did."""
+    import yaml
+
+    from megatron_tr1.rollout import hf_engine
+
+    config, hf = setup
+    cfg = yaml.safe_load(config.read_text())
+    first = cfg["datasets"][0]
+    path = config.parent / first["json_path"]
+    records = json.loads(path.read_text())[:1]
+    records[0].update(start=1.0, end=2.0)
+    clipped = tmp_path / "clipped.json"
+    clipped.write_text(json.dumps(records))
+    data = tmp_path / "clipped.yaml"
+    data.write_text(yaml.safe_dump({"datasets": [{**first, "json_path": str(clipped),
+                                                  "data_folder": str(config.parent / first["data_folder"])}]}))
+    seen = []
+    generate_ = hf_engine.HFEngine.generate
+    monkeypatch.setattr(hf_engine.HFEngine, "generate",
+                        lambda self, prompts, n, s: seen.extend(prompts) or generate_(self, prompts, n, s))
+    out = tmp_path / "out"
+    assert main(["eval", "--task", "mvbench", "--data", str(data), "--model", str(hf), "--protocol", "custom",
+                 "--max-tokens", "2", "--out", str(out), *(["--whole-video"] if whole_video else [])]) == 0
+    (prompt,) = seen
+    times = prompt.frames.timestamps
+    if whole_video:
+        assert times.min() < 1.0 and times.max() > 2.0
+    else:
+        assert times.min() >= 1.0 and times.max() <= 2.0 and len(times) >= 2
+    run = json.loads((out / "run.json").read_text())
+    assert run["clips"] == ("whole video" if whole_video else "start/end")

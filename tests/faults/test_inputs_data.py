@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from megatron_tr1.data.annotations import load_annotations, sniff_format
-from megatron_tr1.data.video import sample_frames, write_video
+from megatron_tr1.data.video import sample_frames
+from megatron_tr1.data.video_writer import write_video
 from megatron_tr1.errors import DataError
 
 

@@ -54,6 +54,22 @@ def test_cache_decodes_a_video_once_and_its_other_prompts_equal_building_them_di
     assert cache([samples[0]], think)[0] is got[0]  # kept, not rebuilt
 
 
+def test_cache_keeps_clips_of_one_video_apart_and_rebuilds_them_from_their_key(samples, decodes):
+    cache = PromptCache(build_tiny_tokenizer(), tiny_hf_config(), VIDEO)
+    clip = dataclasses.replace(samples[0], clip=(0.5, 2.5), id="clip")
+    whole, cut = cache([samples[0], clip], True)
+    assert decodes == [samples[0].video, samples[0].video] and cache.decodes == 2  # two entries
+    assert cut.frames.timestamps.min() >= 0.5 and cut.frames.timestamps.max() <= 2.5
+    assert whole.frames.timestamps.max() > 2.5
+    assert cut.key[-1] == (0.5, 2.5) and whole.key[-1] is None
+    assert cache.from_key(cut.key) is cut and cache.from_key(whole.key) is whole  # what another rank builds
+    fresh = PromptCache(build_tiny_tokenizer(), tiny_hf_config(), VIDEO)
+    assert torch.equal(fresh.from_key(cut.key).frames.indices, cut.frames.indices)
+    bad = dataclasses.replace(samples[0], clip=(9.0, 9.5), id="past the end")
+    assert fresh.prompts_or_skip([bad, samples[0]], True)[0] is None  # a bad clip skips that clip only
+    assert fresh.skipped == {"clip too short": 1} and fresh.prompts_or_skip([samples[0]], True)[0] is not None
+
+
 def test_cache_evicts_the_least_recently_used_video_beyond_its_bound(samples, decodes):
     size = prompts_module._nbytes(direct(samples[0], True))
     cache = PromptCache(build_tiny_tokenizer(), tiny_hf_config(), VIDEO, max_gb=2.5 * size / 2**30)

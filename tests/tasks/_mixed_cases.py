@@ -40,3 +40,27 @@ def mixed_grpo_case(rank, world):
     prompts = [tokenizer.decode(i.prompt.input_ids) for i in items]
     return {"metrics": metrics, "tasks": [i.task for i in items], "rewards": [i.reward for i in items],
             "gts": [i.gt for i in items], "prompts": prompts}
+
+
+def mixed_run_case(rank, world, root):
+    """``tr1 train`` (GRPO only) on a data config mixing grounding and both multiple-choice sub-tasks; returns the
+    GRPO stage's metrics records and results.json."""
+    import json
+    from pathlib import Path
+
+    from megatron_tr1.rl.train_cli import train
+    from tests.rl._trainer_cases import run_dir_config
+
+    data = Path(root, "data")
+    synthetic.generate(data, 4, num_test=2, num_ood=0, size=56, progress=False)
+    mixed = {"datasets": [{"json_path": "train.json", "data_folder": "videos"},
+                          {"json_path": "mc_train/which_event.json", "data_folder": "videos"},
+                          {"json_path": "mc_train/when_event.json", "data_folder": "videos", "task": "videoqa_mc"}]}
+    (data / "mixed.yaml").write_text(yaml.safe_dump(mixed))
+    run = Path(root, "run")
+    train(run_dir_config(run, f"data.train={data}/mixed.yaml", f"data.test={data}/test.yaml", "data.ood=null",
+                         "data.pretrain=null", "stages.base.enabled=false", "stages.sft.enabled=false",
+                         "stages.grpo.steps=3", "rollout.prompts_per_step=4", "optim.global_batch_size=16",
+                         "eval.seed_protocols=false"))
+    records = [json.loads(line) for line in (run / "stages/grpo/metrics.jsonl").read_text().splitlines()]
+    return {"records": records, "results": json.loads((run / "results.json").read_text())}

@@ -55,6 +55,24 @@ def test_mixed_grpo_step_on_the_tiny_model():
     assert m["grad_norm"] > 0
 
 
+def test_mixed_grounding_and_videoqa_grpo_run_logs_rewards_per_task(tmp_path):
+    """A whole ``tr1 train`` GRPO stage on mixed data: every step logs each task's reward, the groups of both tasks
+    add up to the step's prompts, and the run evaluates as usual."""
+    from megatron_tr1.launch import run_ranks
+    from tests.tasks import _mixed_cases
+
+    out = run_ranks(_mixed_cases.mixed_run_case, 1, str(tmp_path))[0]
+    records = out["records"]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert r["reward/temporal_grounding/groups"] + r["reward/videoqa_mc/groups"] == 4
+        for task in ("temporal_grounding", "videoqa_mc"):
+            assert {f"reward/{task}/{k}" for k in ("mean", "format", "accuracy")} <= r.keys()
+    assert sum(r["reward/videoqa_mc/groups"] for r in records) > 0
+    assert sum(r["reward/temporal_grounding/groups"] for r in records) > 0
+    assert out["results"]["grpo"]["n"] == 2  # the grounding test split, evaluated as in a grounding-only run
+
+
 def test_task_prompts_build_each_sample_in_its_tasks_mode_in_order():
     from megatron_tr1.data.annotations import Sample
     from megatron_tr1.rl.prompts import task_prompts
