@@ -118,18 +118,21 @@ def _tokenizer_json() -> str:
         bpe_size += VOCAB_SIZE - tok.get_vocab_size()
 
 
-def build_tiny_tokenizer(save_dir: str | Path | None = None):
-    """A fresh ``PreTrainedTokenizerFast``. With ``save_dir``, also saved there (``tokenizer.json``,
-    ``tokenizer_config.json``, ``chat_template.jinja``: loadable with ``AutoTokenizer.from_pretrained``) with
-    the ``preprocessor_config.json`` and ``video_preprocessor_config.json`` a Qwen2.5-VL model directory has."""
+def build_tiny_tokenizer(save_dir: str | Path | None = None, family: str = "qwen2_5_vl"):
+    """A fresh ``PreTrainedTokenizerFast`` with ``family``'s chat template (Qwen2.5-VL's or Qwen3-VL's). With
+    ``save_dir``, also saved there (``tokenizer.json``, ``tokenizer_config.json``, ``chat_template.jinja``: loadable
+    with ``AutoTokenizer.from_pretrained``) with the ``preprocessor_config.json`` and
+    ``video_preprocessor_config.json`` a model directory of that family has."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
+
+    from megatron_tr1.data.prompt import QWEN3_VL_CHAT_TEMPLATE
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+        chat_template=QWEN3_VL_CHAT_TEMPLATE if family == "qwen3_vl" else QWEN2_5_VL_CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
         model_max_length=32768,
     )
@@ -138,7 +141,7 @@ def build_tiny_tokenizer(save_dir: str | Path | None = None):
 
         save_dir = Path(save_dir)
         tokenizer.save_pretrained(save_dir)
-        for name, config in hf_preprocessor_configs().items():
+        for name, config in hf_preprocessor_configs(family).items():
             (save_dir / name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return tokenizer
 
@@ -173,29 +176,86 @@ def tiny_hf_model(seed: int = 0, **cfg) -> Qwen2_5_VLForConditionalGeneration:
     return model
 
 
-def write_demo_model_dir(tiny, out: str | Path, seed: int = 0) -> Path:
-    """An HF folder holding a random Qwen2.5-VL of ``tiny``'s sizes (``rl.config.TinyModelConfig``), the tiny
-    tokenizer (Qwen2.5-VL special tokens and chat template) and the processor configs. Idempotent."""
-    out = Path(out)
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
-    config = tiny_hf_config(
-        tie_word_embeddings=True, num_hidden_layers=tiny.num_layers, vision_depth=tiny.vision_depth,
-        hidden_size=tiny.hidden_size, num_attention_heads=tiny.num_heads, num_key_value_heads=tiny.num_kv_heads,
-        intermediate_size=tiny.intermediate_size)
-    half = tiny.hidden_size // tiny.num_heads // 2  # M-RoPE sections in Qwen2.5-VL's 1/4, 3/8, 3/8 ratio
-    config.text_config.rope_parameters["mrope_section"] = [half // 4, (half - half // 4) // 2,
-                                                           half - half // 4 - (half - half // 4) // 2]
+def tiny_qwen3_vl_config(tie_word_embeddings: bool = False, num_key_value_heads: int = 2, num_hidden_layers: int = 4,
+                         vision_depth: int = 3, **text_overrides):
+    """A tiny ``Qwen3VLConfig`` with every Qwen3-VL feature active: LM hidden 128 (4 heads of head_dim 32, set
+    explicitly), QK-norm, interleaved M-RoPE [4, 6, 6]; vision hidden 64 (4 heads), patch 4, learned 8x8 position
+    grid, DeepStack from vision blocks 0 and 1 (into LM layers 0 and 1). Same special-token ids as ``tiny_hf_config``."""
+    from transformers import Qwen3VLConfig
+
+    text = dict(vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=num_hidden_layers,
+                num_attention_heads=4, num_key_value_heads=num_key_value_heads, head_dim=32, rms_norm_eps=1e-6,
+                max_position_embeddings=2048, bos_token_id=TINY_SPECIAL_TOKENS["<|endoftext|>"],
+                eos_token_id=TINY_SPECIAL_TOKENS["<|im_end|>"],
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6],
+                                 "mrope_interleaved": True})
+    text.update(text_overrides)
+    vision = dict(depth=vision_depth, hidden_size=64, intermediate_size=96, num_heads=4, in_channels=3,
+                  patch_size=4, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=text["hidden_size"],
+                  num_position_embeddings=64, deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh")
+    return Qwen3VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings,
+        image_token_id=TINY_SPECIAL_TOKENS["<|image_pad|>"], video_token_id=TINY_SPECIAL_TOKENS["<|video_pad|>"],
+        vision_start_token_id=TINY_SPECIAL_TOKENS["<|vision_start|>"],
+        vision_end_token_id=TINY_SPECIAL_TOKENS["<|vision_end|>"], attn_implementation="eager")
+
+
+def tiny_qwen3_vl_model(seed: int = 0, **cfg):
+    """A random fp32 ``Qwen3VLForConditionalGeneration`` from ``tiny_qwen3_vl_config(**cfg)``; biases, norms
+    (QK-norm and LayerNorm biases included) and the position embedding are randomised too."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(tiny_qwen3_vl_config(**cfg)).float().eval()
+    with torch.no_grad():  # HF initialises biases to 0 and norms to 1; make every tensor matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "pos_embed" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _demo_config(tiny):
+    """The HF config of the demo's tiny model: ``tiny.family``'s architecture at ``tiny``'s sizes, tied embeddings,
+    M-RoPE sections in the family's ratio (Qwen2.5-VL 1/4, 3/8, 3/8; Qwen3-VL 24:20:20), the last vision block
+    attending in full (Qwen2.5-VL) or feeding DeepStack into LM layer 0 (Qwen3-VL)."""
+    half = tiny.hidden_size // tiny.num_heads // 2
+    sizes = dict(tie_word_embeddings=True, num_hidden_layers=tiny.num_layers, vision_depth=tiny.vision_depth,
+                 hidden_size=tiny.hidden_size, num_attention_heads=tiny.num_heads,
+                 num_key_value_heads=tiny.num_kv_heads, intermediate_size=tiny.intermediate_size)
+    if tiny.family == "qwen3_vl":
+        config = tiny_qwen3_vl_config(head_dim=2 * half, **sizes)
+        t = round(half * 24 / 64)
+        h = (half - t) // 2
+        config.text_config.rope_parameters["mrope_section"] = [t, h, half - t - h]
+    else:
+        config = tiny_hf_config(**sizes)
+        config.text_config.rope_parameters["mrope_section"] = [half // 4, (half - half // 4) // 2,
+                                                               half - half // 4 - (half - half // 4) // 2]
     vc = config.vision_config
     vc.depth, vc.hidden_size, vc.num_heads = tiny.vision_depth, tiny.vision_hidden_size, tiny.vision_heads
     vc.intermediate_size, vc.patch_size = 2 * tiny.vision_hidden_size, tiny.patch_size
-    vc.window_size = 8 * tiny.patch_size  # 4x4 merged tokens per window, as Qwen2.5-VL's 112 px
-    vc.fullatt_block_indexes = [tiny.vision_depth - 1]
+    if tiny.family == "qwen3_vl":
+        vc.deepstack_visual_indexes = [tiny.vision_depth - 1]
+    else:
+        vc.window_size = 8 * tiny.patch_size  # 4x4 merged tokens per window, as Qwen2.5-VL's 112 px
+        vc.fullatt_block_indexes = [tiny.vision_depth - 1]
+    return config
+
+
+def write_demo_model_dir(tiny, out: str | Path, seed: int = 0) -> Path:
+    """An HF folder holding a random model of ``tiny``'s family and sizes (``rl.config.TinyModelConfig``), the tiny
+    tokenizer (Qwen special tokens, the family's chat template) and the processor configs. Idempotent."""
+    from megatron_tr1.models.family import hf_classes
+
+    out = Path(out)
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    config = _demo_config(tiny)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).float()
+    model = hf_classes(tiny.family)[1](config).float()
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
-    tokenizer = build_tiny_tokenizer(tmp)
+    tokenizer = build_tiny_tokenizer(tmp, tiny.family)
     for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
         processor = json.loads((tmp / name).read_text())
         processor["patch_size"] = tiny.patch_size
@@ -208,12 +268,14 @@ def write_demo_model_dir(tiny, out: str | Path, seed: int = 0) -> Path:
 def write_tiny_model_dir(hf, path: str | Path) -> str:
     """An HF folder of the tiny model ``hf`` that vLLM can load: weights, config, the tiny tokenizer, and processor
     configs for its 4-pixel patches with pixel bounds that leave tiny frames unresized (selftest, tests)."""
+    from megatron_tr1.models.family import family_of
+
     path = Path(path)
     hf.save_pretrained(path)
-    build_tiny_tokenizer(path)
+    build_tiny_tokenizer(path, family_of(hf.config))
     for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
         config = json.loads((path / name).read_text())
         config.update(patch_size=hf.config.vision_config.patch_size, min_pixels=64,
-                      size={"shortest_edge": 64, "longest_edge": config["max_pixels"]})
+                      size={"shortest_edge": 64, "longest_edge": config["size"]["longest_edge"]})
         (path / name).write_text(json.dumps(config))
     return str(path)

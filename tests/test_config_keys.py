@@ -13,7 +13,8 @@ SECTIONS = [f.name for f in dataclasses.fields(TrainConfig) if dataclasses.is_da
             dataclasses.is_dataclass(typing.get_type_hints(TrainConfig)[f.name])]
 KEY = re.compile(r"(?<![\w./-])(" + "|".join(SECTIONS) + r")((?:\.[A-Za-z_]\w*)+)")
 FILE_SUFFIXES = {"safetensors", "json", "jsonl", "yaml", "yml", "py", "pt", "md", "png", "sh", "tmp", "sha256"}
-HF_NAME_TABLE = "convert/mapping.py"  # HF tensor names ("model.layers.N...") are not config keys
+HF_NAME_TABLE = ("convert/mapping.py", "convert/mapping_layers.py")  # HF tensor names ("model.layers.N...") are not
+# config keys
 
 
 def resolves(path: list[str]) -> bool:
@@ -47,7 +48,7 @@ def strings(path: Path):
 
 def named_keys():
     for path in sorted(PACKAGE.rglob("*.py")):
-        if str(path.relative_to(PACKAGE)) == HF_NAME_TABLE:
+        if str(path.relative_to(PACKAGE)) in HF_NAME_TABLE:
             continue
         for line, text in strings(path):
             for m in KEY.finditer(text):

@@ -8,6 +8,8 @@ KERNELS = PACKAGE.parent / "kernels"
 
 # top-level part -> the parts it may import (besides itself). Leaves: errors, config, backend (and cpu, backend's).
 LEAVES = {"errors", "config", "backend"}
+# leaf modules inside a part, importable from every part: models.family (which family a config is) imports errors only
+LEAF_MODULES = {"megatron_tr1.models.family"}
 ALLOWED = {
     "errors": set(), "config": {"errors"}, "backend": {"errors", "cpu"}, "cpu": set(),
     "torchvision_cpu": set(),
@@ -54,12 +56,19 @@ def test_imports_point_one_way():
     for path in _production():
         part = _part(path)
         for line, module in _imports(path):
-            if not module.startswith("megatron_tr1."):
+            if not module.startswith("megatron_tr1.") or module in LEAF_MODULES:
                 continue
             target = module.split(".")[1]
             if target != part and target not in ALLOWED[part]:
                 bad.append(f"{path.relative_to(PACKAGE)}:{line} ({part}) imports {module}")
     assert not bad, "\n".join(bad)
+
+
+def test_leaf_modules_import_only_leaves():
+    for module in LEAF_MODULES:
+        path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+        bad = [m for _, m in _imports(path) if m.startswith("megatron_tr1.") and m.split(".")[1] not in LEAVES]
+        assert not bad, f"{module} must stay a leaf: it imports {bad}"
 
 
 def test_no_production_import_of_test_support():

@@ -1,4 +1,5 @@
-"""THE HF <-> Megatron table for Qwen2.5-VL: names, fusion (QKV, gate/up) and TP split, one tensor at a time.
+"""THE HF <-> Megatron table for Qwen2.5-VL and Qwen3-VL (dense): names, fusion (QKV, gate/up) and TP split, one
+tensor at a time (the rows: ``convert.mapping_layers``, re-exported here).
 
 ``params(dims, pp_rank, pp_size)`` lists the :class:`Param` s of one pipeline stage: the Megatron name (local
 layer index, "local" spelling), the HF names it is made of (``save_pretrained`` on-disk layout, global layer
@@ -8,35 +9,40 @@ weight sync all iterate this table; nothing else knows HF names.
 
 Megatron layouts: ``linear_qkv`` rows are, per query group (groups split contiguously over TP), the group's q
 heads then its k head then its v head (the vision tower has one group per head); ``linear_fc1`` of a TP shard is
-``cat[gate_shard, up_shard]``. Column-parallel tensors split on dim 0, row-parallel on dim 1 (their biases are
-replicated), norms and the patch embedding are replicated. Layers are split evenly over PP stages; the vision
-tower and the word embedding live on the first stage, the final norm and output layer on the last. With tied
+``cat[gate_shard, up_shard]`` (Qwen3-VL's non-gated vision ``linear_fc1`` is plain column-parallel). Column-parallel
+tensors split on dim 0, row-parallel on dim 1 (their biases are replicated), norms (QK-norm, LayerNorm biases), the
+patch embedding and Qwen3-VL's learned position embedding are replicated. Layers are split evenly over PP stages; the vision
+tower (with Qwen3-VL's DeepStack mergers) and the word embedding live on the first stage, the final norm and output layer on the last. With tied
 embeddings and PP > 1 the last stage holds Megatron's copy of the embedding as ``output_layer``.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
 
+from megatron_tr1.convert.mapping_layers import (  # noqa: F401  (re-exported: the table's public names)
+    COLUMN, GATE_UP, QKV, QKV_FUSED, REPLICATED, ROW, Param, hf_prefixes, params)
 from megatron_tr1.errors import CheckpointError
+from megatron_tr1.models.family import NAMES, QWEN2_5_VL, QWEN3_VL
 from megatron_tr1.models.qwen2_5_vl.size import Dims
 
-REPLICATED, COLUMN, ROW, QKV, QKV_FUSED, GATE_UP = "replicated", "column", "row", "qkv", "qkv_fused", "gate_up"
 SPECS = ("local", "te")
 # transformer-engine spec fuses the pre-attention / pre-MLP norms into the following linear.
 _TE_NORMS = {".input_layernorm.weight": ".self_attention.linear_qkv.layer_norm_weight",
-             ".pre_mlp_layernorm.weight": ".mlp.linear_fc1.layer_norm_weight"}
-# transformers >= 5 in-memory prefixes -> save_pretrained (on-disk) prefixes.
-_HF_MEMORY_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+             ".pre_mlp_layernorm.weight": ".mlp.linear_fc1.layer_norm_weight",
+             ".input_layernorm.bias": ".self_attention.linear_qkv.layer_norm_bias",
+             ".pre_mlp_layernorm.bias": ".mlp.linear_fc1.layer_norm_bias"}
+# transformers >= 5 in-memory prefixes -> save_pretrained (on-disk) prefixes, per family (Qwen3-VL: the same).
+_HF_MEMORY_PREFIXES = {QWEN2_5_VL: (("model.language_model.", "model."), ("model.visual.", "visual.")), QWEN3_VL: ()}
 _LIST_MAX = 12
 
 
-def hf_disk_name(name: str) -> str:
-    """The ``save_pretrained`` (on-disk) spelling of an HF name given in either layout."""
-    for memory, disk in _HF_MEMORY_PREFIXES:
+def hf_disk_name(name: str, family: str = QWEN2_5_VL) -> str:
+    """The ``save_pretrained`` (on-disk) spelling of an HF name of ``family`` given in either layout (Qwen3-VL's
+    on-disk names are its in-memory ones)."""
+    for memory, disk in _HF_MEMORY_PREFIXES[family]:
         if name.startswith(memory):
             return disk + name[len(memory):]
     return name
@@ -69,94 +75,6 @@ def name_list(names) -> str:
     names = sorted(names)
     more = f" (+{len(names) - _LIST_MAX} more)" if len(names) > _LIST_MAX else ""
     return ", ".join(names[:_LIST_MAX]) + more
-
-
-@dataclass(frozen=True)
-class Param:
-    """One Megatron tensor of one pipeline stage and the HF tensors it is made of."""
-
-    mcore: str  # local-spelling name with the stage-local layer index
-    hf: tuple[str, ...]  # HF on-disk names, in fusion order (q, k, v / gate, up)
-    kind: str
-    hf_shapes: tuple[tuple[int, ...], ...]
-    groups: int = 0  # QKV kinds: query groups, heads per group, head dim
-    heads_per_group: int = 0
-    head_dim: int = 0
-    embedding_copy: bool = False  # tied output layer on the last stage: not a separate HF tensor
-
-    def expected_shard_shape(self, tp_size: int) -> tuple[int, ...]:
-        """The shape of one TP shard."""
-        first = self.hf_shapes[0]
-        if self.kind == REPLICATED:
-            return first
-        if self.kind == ROW:
-            return (first[0], first[1] // tp_size)
-        rows = sum(s[0] for s in self.hf_shapes) // tp_size
-        return (rows, *first[1:])
-
-
-def _layer(prefix_m: str, prefix_h: str, i: int, g: int, d: Dims, vision: bool) -> list[Param]:
-    m, h = f"{prefix_m}.decoder.layers.{i}.", f"{prefix_h}.{g}."
-    hid, ffn = (d.v_hidden, d.v_ffn) if vision else (d.hidden, d.ffn)
-    if vision:
-        hd, groups, hpg = d.v_head_dim, d.v_heads, 1
-        norm1, norm2, attn, o_proj = "norm1", "norm2", "attn.", "attn.proj"
-    else:
-        hd, groups, hpg = d.head_dim, d.groups, d.heads // d.groups
-        norm1, norm2, attn, o_proj = "input_layernorm", "post_attention_layernorm", "self_attn.", "self_attn.o_proj"
-    qkv = dict(groups=groups, heads_per_group=hpg, head_dim=hd)
-    out = [Param(m + "input_layernorm.weight", (h + norm1 + ".weight",), REPLICATED, ((hid,),))]
-    for suffix in ("weight", "bias"):
-        tail = (hid,) if suffix == "weight" else ()
-        if vision:
-            out.append(Param(m + f"self_attention.linear_qkv.{suffix}", (h + f"attn.qkv.{suffix}",), QKV_FUSED,
-                             ((3 * hid, *tail),), **qkv))
-        else:
-            out.append(Param(m + f"self_attention.linear_qkv.{suffix}",
-                             tuple(h + f"{attn}{x}_proj.{suffix}" for x in "qkv"), QKV,
-                             ((d.heads * hd, *tail), (groups * hd, *tail), (groups * hd, *tail)), **qkv))
-    out.append(Param(m + "self_attention.linear_proj.weight", (h + o_proj + ".weight",), ROW, ((hid, hid),)))
-    if vision:
-        out.append(Param(m + "self_attention.linear_proj.bias", (h + o_proj + ".bias",), REPLICATED, ((hid,),)))
-    out.append(Param(m + "pre_mlp_layernorm.weight", (h + norm2 + ".weight",), REPLICATED, ((hid,),)))
-    for suffix in ("weight", "bias") if vision else ("weight",):
-        tail = (hid,) if suffix == "weight" else ()
-        out.append(Param(m + f"mlp.linear_fc1.{suffix}", (h + f"mlp.gate_proj.{suffix}", h + f"mlp.up_proj.{suffix}"),
-                         GATE_UP, ((ffn, *tail), (ffn, *tail))))
-    out.append(Param(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), ROW, ((hid, ffn),)))
-    if vision:
-        out.append(Param(m + "mlp.linear_fc2.bias", (h + "mlp.down_proj.bias",), REPLICATED, ((hid,),)))
-    return out
-
-
-def params(d: Dims, pp_rank: int, pp_size: int) -> list[Param]:
-    """The Params of pipeline stage ``pp_rank`` (vision, embedding, layers, final norm, output), in order."""
-    out: list[Param] = []
-    per_stage = d.layers // pp_size
-    if pp_rank == 0:
-        out.append(Param("vision.patch_embed.proj.weight", ("visual.patch_embed.proj.weight",), REPLICATED,
-                         ((d.v_hidden, *d.v_patch),)))
-        for i in range(d.v_depth):
-            out += _layer("vision", "visual.blocks", i, i, d, vision=True)
-        mh = d.merger_hidden
-        out += [Param("vision.merger.ln_q.weight", ("visual.merger.ln_q.weight",), REPLICATED, ((d.v_hidden,),)),
-                Param("vision.merger.linear_fc1.weight", ("visual.merger.mlp.0.weight",), COLUMN, ((mh, mh),)),
-                Param("vision.merger.linear_fc1.bias", ("visual.merger.mlp.0.bias",), COLUMN, ((mh,),)),
-                Param("vision.merger.linear_fc2.weight", ("visual.merger.mlp.2.weight",), ROW, ((d.v_out, mh),)),
-                Param("vision.merger.linear_fc2.bias", ("visual.merger.mlp.2.bias",), REPLICATED, ((d.v_out,),)),
-                Param("language_model.embedding.word_embeddings.weight", ("model.embed_tokens.weight",), COLUMN,
-                      ((d.vocab, d.hidden),))]
-    for i in range(per_stage):
-        out += _layer("language_model", "model.layers", i, pp_rank * per_stage + i, d, vision=False)
-    if pp_rank == pp_size - 1:
-        out.append(Param("language_model.decoder.final_layernorm.weight", ("model.norm.weight",), REPLICATED,
-                         ((d.hidden,),)))
-        if not d.tied:
-            out.append(Param("language_model.output_layer.weight", ("lm_head.weight",), COLUMN, ((d.vocab, d.hidden),)))
-        elif pp_size > 1:
-            out.append(Param("language_model.output_layer.weight", ("model.embed_tokens.weight",), COLUMN,
-                             ((d.vocab, d.hidden),), embedding_copy=True))
-    return out
 
 
 def all_params(d: Dims, pp_size: int) -> Iterator[tuple[int, Param]]:
@@ -223,7 +141,7 @@ def hf_getter(hf_state: HFState, d: Dims, pp_rank: int | None, pp_size: int, sou
     ``pp_rank`` (all stages if None) is missing and that no name is unexpected (CheckpointError listing them)."""
     if not isinstance(hf_state, Mapping):
         return lambda name: hf_state(name)
-    by_disk = {hf_disk_name(k): k for k in hf_state.keys()}
+    by_disk = {hf_disk_name(k, d.family): k for k in hf_state.keys()}
     required, optional = expected_hf_names(d)
     stages = range(pp_size) if pp_rank is None else [pp_rank]
     needed = {n for s in stages for p in params(d, s, pp_size) for n in p.hf}
@@ -234,14 +152,14 @@ def hf_getter(hf_state: HFState, d: Dims, pp_rank: int | None, pp_size: int, sou
     unexpected = by_disk.keys() - required - optional
     if unexpected:
         raise CheckpointError(f"{source}: {len(unexpected)} unexpected tensor(s): {name_list(unexpected)}; is this "
-                              f"a Qwen2.5-VL checkpoint matching {d.source}?")
+                              f"a {NAMES[d.family]} checkpoint matching {d.source}?")
     return lambda name: hf_state[by_disk[name]]
 
 
 def hf_to_mcore_state(hf_state: HFState, hf_config: Any, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int,
                       spec: str = "local") -> dict[str, torch.Tensor]:
     """The Megatron state dict of rank (tp_rank, pp_rank) from a full HF state (Mapping in either layout, or a
-    getter taking on-disk names) and its config (``Qwen2_5_VLConfig`` or config.json dict)."""
+    getter taking on-disk names) and its config (``Qwen2_5_VLConfig`` / ``Qwen3VLConfig`` or config.json dict)."""
     d = hf_config if isinstance(hf_config, Dims) else Dims.from_hf_config(hf_config)
     d.validate(tp_size, pp_size)
     get = hf_getter(hf_state, d, pp_rank, pp_size)

@@ -30,8 +30,10 @@ def sample_prompt(sample: Sample, tokenizer, hf_config, video, think: bool | str
     """``sample``'s prompt in the mode ``think`` (``data.prompt``: True, False, "r1", "custom"), its frames
     decoded with the budget ``video`` (``data.video.VideoBudget``)."""
     start, end = sample.clip if sample.clip is not None else (None, None)
+    vc = hf_config.vision_config
     frames = sample_frames(sample.video, fps=video.fps, min_frames=video.min_frames, max_frames=video.max_frames,
-                           total_pixels=video.total_pixels, min_pixels=video.min_pixels, start=start, end=end)
+                           total_pixels=video.total_pixels, min_pixels=video.min_pixels, start=start, end=end,
+                           factor=vc.patch_size * vc.spatial_merge_size)
     return build_prompt(tokenizer, hf_config, sample.query, frames, think, sample.problem)
 
 

@@ -71,9 +71,7 @@ class VideoBudget:
         return cls(fps=FPS, min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES, total_pixels=TOTAL_PIXELS,
                    min_pixels=MIN_PIXELS)
 
-# codec name -> (PyAV encoder, pixel format, encoder options, allowed container extensions).
-# Near-lossless (low CRF) so decode tests can compare pixels; the fast presets lose nothing at these CRFs.
-# MJPEG uses full-range yuvj420p, its standard 4:2:0 format (FFmpeg's MJPEG encoder rejects yuv420p).
+
 @dataclasses.dataclass
 class VideoInfo:
     """What ``probe_video`` reads from the container without decoding."""
@@ -146,9 +144,10 @@ def clip_frame_range(total_frames: int, video_fps: float, start: float | None, e
     return first, last
 
 
-def max_pixels_per_frame(nframes: int, total_pixels: int = TOTAL_PIXELS, min_pixels: int = MIN_PIXELS) -> float:
-    """Per-frame pixel cap: ``max(min(VIDEO_MAX_PIXELS, total_pixels / nframes * 2), int(1.05 * min_pixels))``."""
-    return max(min(VIDEO_MAX_PIXELS, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
+def max_pixels_per_frame(nframes: int, total_pixels: float = TOTAL_PIXELS, min_pixels: float = MIN_PIXELS,
+                         max_pixels: float = VIDEO_MAX_PIXELS) -> float:
+    """Per-frame pixel cap: ``max(min(max_pixels, total_pixels / nframes * 2), int(1.05 * min_pixels))``."""
+    return max(min(max_pixels, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
 
 
 def smart_resize(
@@ -176,16 +175,23 @@ def smart_resize(
 
 
 def frame_size(
-    height: int, width: int, nframes: int, total_pixels: int = TOTAL_PIXELS, min_pixels: int = MIN_PIXELS
+    height: int, width: int, nframes: int, total_pixels: int = TOTAL_PIXELS, min_pixels: int = MIN_PIXELS,
+    factor: int = IMAGE_FACTOR,
 ) -> tuple[int, int]:
     """Final frame size of a video sampled to ``nframes`` frames: qwen-vl-utils' ``smart_resize`` under the
     ``max_pixels_per_frame`` budget, then the HF processor's own ``smart_resize`` with the same
     ``min_pixels``. The second is a no-op unless the first lands below ``min_pixels``, which the floor in
     ``smart_resize`` allows on long videos (768 frames of 360x640: 28x84, which the processor makes 56x112).
-    One resize straight to the final size stands in for the reference pipeline's two."""
-    budget = max_pixels_per_frame(nframes, total_pixels, min_pixels)
-    first = smart_resize(height, width, IMAGE_FACTOR, min_pixels, budget)
-    return smart_resize(*first, IMAGE_FACTOR, min_pixels, VIDEO_MAX_PIXELS)
+    One resize straight to the final size stands in for the reference pipeline's two.
+
+    ``factor`` is the model's pixels per visual token side (Qwen2.5-VL 28, Qwen3-VL 32: patch x merge). The pixel
+    budgets are given at 28 x 28 pixels per token, as qwen-vl-utils states them for Qwen2.5-VL, and scaled by
+    ``(factor / 28)^2`` so that they mean the same numbers of visual tokens for every family."""
+    scale = (factor / IMAGE_FACTOR) ** 2
+    total_pixels, min_pixels = total_pixels * scale, min_pixels * scale
+    budget = max_pixels_per_frame(nframes, total_pixels, min_pixels, VIDEO_MAX_PIXELS * scale)
+    first = smart_resize(height, width, factor, min_pixels, budget)
+    return smart_resize(*first, factor, min_pixels, VIDEO_MAX_PIXELS * scale)
 
 
 def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -232,13 +238,14 @@ def probe_video(path: str | Path) -> VideoInfo:
 def sample_frames(
     path: str | Path, fps: float = FPS, min_frames: int = FPS_MIN_FRAMES, max_frames: int = FPS_MAX_FRAMES,
     total_pixels: int = TOTAL_PIXELS, min_pixels: int = MIN_PIXELS, backend: str = "auto",
-    start: float | None = None, end: float | None = None,
+    start: float | None = None, end: float | None = None, factor: int = IMAGE_FACTOR,
 ) -> VideoFrames:
     """Sample ``smart_nframes`` frames at ``frame_indices``, resized to ``frame_size`` (qwen-vl-utils
     ``fetch_video`` followed by the HF processor's resize). ``backend``: "auto" (DALI when CUDA and DALI are
     available, else PyAV), "pyav" or "dali". ``start`` / ``end`` (seconds) cut a clip first (qwen-vl-utils'
     ``video_start`` / ``video_end``: ``clip_frame_range``); the frame count and ``sample_fps`` follow the clip's
-    length, ``timestamps`` stay times in the whole video."""
+    length, ``timestamps`` stay times in the whole video. ``factor``: pixels per visual token side
+    (``frame_size``)."""
     backend, device = _pick_backend(backend)
     if total_pixels < min_pixels:
         raise DataError(f"total_pixels ({total_pixels}) must be >= min_pixels ({min_pixels})")
@@ -252,7 +259,7 @@ def sample_frames(
     indices = frame_indices(info.total_frames, nframes, first, last)
 
     def size_of(height: int, width: int) -> tuple[int, int]:
-        return frame_size(height, width, nframes, total_pixels, min_pixels)
+        return frame_size(height, width, nframes, total_pixels, min_pixels, factor)
 
     if backend == "pyav":
         frames = _decode_pyav(Path(path), indices.tolist(), size_of)

@@ -10,6 +10,9 @@ import torch
 
 from megatron_tr1.errors import DataError
 
+# codec name -> (PyAV encoder, pixel format, encoder options, allowed container extensions).
+# Near-lossless (low CRF) so decode tests can compare pixels; the fast presets lose nothing at these CRFs.
+# MJPEG uses full-range yuvj420p, its standard 4:2:0 format (FFmpeg's MJPEG encoder rejects yuv420p).
 _CODECS = {
     "h264": ("libx264", "yuv420p", {"crf": "10", "preset": "veryfast"}, (".mp4", ".mkv")),
     "vp9": ("libvpx-vp9", "yuv420p", {"crf": "4", "b": "0", "deadline": "realtime", "cpu-used": "8"},

@@ -3,9 +3,8 @@
 ``family_of(config, source)`` takes a config.json dict, a transformers config object or a model folder (or its
 config.json) and returns ``"qwen2_5_vl"`` (Qwen2.5-VL) or ``"qwen3_vl"`` (Qwen3-VL dense); any other model_type is
 a ``ConfigError`` naming ``source`` and the value (Qwen3-VL-MoE gets its own reason: expert parallelism).
-``require_supported(config, source, command)`` also refuses a family that ``command`` cannot run yet: today
-``tr1 train``, ``tr1 eval``, ``tr1 convert`` and ``tr1 verify`` run Qwen2.5-VL only, while ``tr1 plan`` sizes both
-(issue 23 brings Qwen3-VL to the rest of the stack).
+``require_supported(config, source, command)`` also refuses a family that ``command`` cannot run yet (``SUPPORTED``;
+since issue 23 both families: the Megatron model ``models.qwen3_vl`` and the conversion table cover Qwen3-VL dense).
 """
 from __future__ import annotations
 
@@ -18,11 +17,10 @@ from megatron_tr1.errors import ConfigError
 
 QWEN2_5_VL, QWEN3_VL = "qwen2_5_vl", "qwen3_vl"
 NAMES = {QWEN2_5_VL: "Qwen2.5-VL", QWEN3_VL: "Qwen3-VL"}  # model_type -> family name
-SUPPORTED = (QWEN2_5_VL,)  # what tr1 train / eval / convert / verify run; tr1 plan sizes every family in NAMES
-QWEN3_VL_NEEDS = ("interleaved M-RoPE, text timestamps in the video prompt, DeepStack (vision features added after the "
-                  "first LM layers) and QK-norm")
-_MOE = {"qwen3_vl_moe": "Qwen3-VL-MoE: its experts need expert parallelism, which tr1 does not have (future work "
-                        "after dense Qwen3-VL, issue 23)"}
+SUPPORTED = (QWEN2_5_VL, QWEN3_VL)  # what tr1 train / eval / convert / verify run; tr1 plan sizes every family
+_MOE = {"qwen3_vl_moe": "Qwen3-VL-MoE: its experts need expert parallelism (megatron-core's MoE layers, expert-"
+                        "parallel groups, the experts' rows in the conversion table and vLLM's expert sharding), which "
+                        "tr1 does not have yet (future work; dense Qwen3-VL, model_type 'qwen3_vl', runs)"}
 _KNOWN = ", ".join(f"{t!r} ({n})" for t, n in NAMES.items())
 
 
@@ -57,12 +55,18 @@ def family_of(config: Any, source: str = "config.json", default: str | None = No
 
 
 def unsupported_message(family: str, source: str, command: str) -> str:
-    """Why ``command`` refuses a recognised family it cannot run yet (Qwen3-VL: what it needs, issue 23)."""
+    """Why ``command`` refuses a recognised family it cannot run (a family in ``NAMES`` but not in ``SUPPORTED``)."""
     return (f"{source}: model_type {family!r} is {NAMES[family]}, which tr1 recognises but {command} does not "
-            f"support yet: training, evaluation, conversion and verification of {NAMES[family]} (tr1 train, eval, "
-            f"convert, verify) need {QWEN3_VL_NEEDS} in the Megatron model, the conversion table and the prompts "
-            f"(issue 23, future work); today only `tr1 plan --model <folder>` sizes it. Use a Qwen2.5-VL model "
-            f"(model_type {QWEN2_5_VL!r})")
+            f"support yet; today only `tr1 plan --model <folder>` sizes it")
+
+
+def hf_classes(family: str):
+    """transformers' ``(config class, model class)`` of a family (``Qwen2_5_VLConfig``,
+    ``Qwen2_5_VLForConditionalGeneration`` / the Qwen3-VL pair)."""
+    import transformers
+
+    prefix = {QWEN2_5_VL: "Qwen2_5_VL", QWEN3_VL: "Qwen3VL"}[family]
+    return getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}ForConditionalGeneration")
 
 
 def require_supported(config: Any, source: str, command: str, hint: str = "", default: str | None = None) -> str:

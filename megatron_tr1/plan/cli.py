@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from megatron_tr1.errors import ConfigError
-from megatron_tr1.models.family import NAMES, QWEN3_VL_NEEDS, SUPPORTED
+from megatron_tr1.models.family import NAMES, SUPPORTED
 from megatron_tr1.plan.layouts import Layout, enumerate_layouts, excluded_pp, rank_key, recommend, vision_blockers
 from megatron_tr1.plan.memory import BF16, Breakdown, GiB, Workload, layout_peak, max_vllm_share, stage_breakdowns
 from megatron_tr1.plan.models import BUILTIN, ModelSpec, load_model
@@ -108,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
     print(describe(spec))
     if spec.family not in SUPPORTED:
         print(f"note: {NAMES[spec.family]} is planned only: tr1 train / eval / convert / verify do not run it yet "
-              f"(they need {QWEN3_VL_NEEDS}; issue 23)")
+              "(issue 23)")
     print(f"params={n}")
     print(f"({n / 1e9:.2f}B: vision {n_vision / 1e9:.3f}B, language {(n - n_vision) / 1e9:.3f}B)")
     micro = (f"packed micro-batches of {w.tokens_per_micro_batch} tokens (<= {w.micro_batch} sequences of <= "

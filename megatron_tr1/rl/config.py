@@ -40,8 +40,10 @@ def _not_empty(section: object, *names: str, instead: str) -> None:
 
 @dataclass
 class TinyModelConfig:
-    """A Qwen2.5-VL-architecture model built locally (used when ``model.hf_dir`` is unset)."""
+    """A tiny model built locally (used when ``model.hf_dir`` is unset): ``family`` "qwen2_5_vl" (the demo's) or
+    "qwen3_vl" (Qwen3-VL's architecture: QK-norm, interleaved M-RoPE, timestamps, DeepStack)."""
 
+    family: str = "qwen2_5_vl"
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -53,7 +55,9 @@ class TinyModelConfig:
     patch_size: int = 14
 
     def __post_init__(self):
-        _positive(self, *(f.name for f in dataclasses.fields(self)))
+        if self.family not in ("qwen2_5_vl", "qwen3_vl"):
+            raise ConfigError(f"model.tiny.family={self.family!r} must be qwen2_5_vl or qwen3_vl")
+        _positive(self, *(f.name for f in dataclasses.fields(self) if f.name != "family"))
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
 

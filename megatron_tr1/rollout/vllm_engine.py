@@ -15,7 +15,9 @@ import torch
 
 from megatron_tr1.backend import cuda_available
 from megatron_tr1.data.prompt import RolloutPrompt
-from megatron_tr1.errors import ConfigError
+from megatron_tr1.data.video import VideoFrames
+from megatron_tr1.errors import ConfigError, DataError
+from megatron_tr1.models.family import QWEN3_VL, family_of
 from megatron_tr1.rollout.engine import Response, RolloutEngine, Sampling, prompt_seeds, stop_token_id
 
 
@@ -34,7 +36,43 @@ def _import_vllm(cuda: bool):
     return vllm
 
 
-def _vllm_request(prompt: RolloutPrompt, video_token_id: int) -> dict:
+def vllm_prompt_ids(hf_config, input_ids: list[int]) -> list[int]:
+    """``input_ids`` (a ``RolloutPrompt``'s, video expanded) back to the chat template's single placeholder, which
+    vLLM expands itself: Qwen2.5-VL's run of ``<|video_pad|>`` becomes one; Qwen3-VL's frames (timestamps,
+    ``<|vision_start|>``, pads, ``<|vision_end|>`` each) become one ``<|video_pad|>`` inside the template's own
+    ``<|vision_start|>`` / ``<|vision_end|>``. Ids without a video come back unchanged."""
+    video = hf_config.video_token_id
+    if family_of(hf_config) != QWEN3_VL:
+        return [t for i, t in enumerate(input_ids) if t != video or i == 0 or input_ids[i - 1] != video]
+    pads = [i for i, t in enumerate(input_ids) if t == video]
+    if not pads:
+        return list(input_ids)
+    start, end = hf_config.vision_start_token_id, hf_config.vision_end_token_id
+    first, last = pads[0], pads[-1]
+    outer = max((i for i in range(first - 1) if input_ids[i] == start), default=None)
+    if outer is None or input_ids[first - 1] != start or list(input_ids[last + 1: last + 3]) != [end, end]:
+        raise DataError("vllm_prompt_ids: the ids hold no Qwen3-VL video (<|vision_start|> <t seconds> "
+                        "<|vision_start|> pads <|vision_end|> ... <|vision_end|>); build them with build_prompt")
+    return list(input_ids[:outer + 1]) + [video] + list(input_ids[last + 2:])
+
+
+def vllm_video(hf_config, frames: VideoFrames) -> tuple:
+    """vLLM's ``multi_modal_data["video"]`` for sampled ``frames``: uint8 ``[T, H, W, 3]`` (numpy) and metadata saying
+    they are already sampled (``do_sample_frames=False``). For Qwen3-VL the metadata are the frames' own numbers and
+    the video's frame rate (``frames_indices``, ``fps``), from which vLLM writes the timestamps ``build_prompt``
+    wrote; for Qwen2.5-VL the frames count as the whole video at ``sample_fps`` (what vLLM's Qwen2.5-VL takes
+    ``second_per_grid_ts`` from)."""
+    array = frames.frames.permute(0, 2, 3, 1).cpu().numpy()
+    if family_of(hf_config) == QWEN3_VL:
+        metadata = dict(total_num_frames=frames.total_frames, fps=frames.video_fps, duration=frames.duration,
+                        frames_indices=frames.indices.tolist(), do_sample_frames=False)
+    else:
+        metadata = dict(total_num_frames=len(array), fps=frames.sample_fps, duration=len(array) / frames.sample_fps,
+                        frames_indices=list(range(len(array))), do_sample_frames=False)
+    return array, metadata
+
+
+def _vllm_request(prompt: RolloutPrompt, hf_config) -> dict:
     """vLLM's input for one prompt: token ids with a single video placeholder (vLLM expands it) and the
     decoded frames ``[T, H, W, 3]`` with metadata saying they are already sampled."""
     if prompt.frames is None:
@@ -42,13 +80,8 @@ def _vllm_request(prompt: RolloutPrompt, video_token_id: int) -> dict:
             raise ConfigError("VLLMEngine needs the decoded frames of a video prompt (RolloutPrompt.frames); "
                               "build prompts with rollout.engine.build_prompt")
         return {"prompt_token_ids": prompt.input_ids}
-    ids = [t for i, t in enumerate(prompt.input_ids)
-           if t != video_token_id or i == 0 or prompt.input_ids[i - 1] != video_token_id]
-    f = prompt.frames
-    frames = f.frames.permute(0, 2, 3, 1).cpu().numpy()
-    metadata = dict(total_num_frames=len(frames), fps=f.sample_fps, duration=len(frames) / f.sample_fps,
-                    frames_indices=list(range(len(frames))), do_sample_frames=False)
-    return {"prompt_token_ids": ids, "multi_modal_data": {"video": (frames, metadata)}}
+    return {"prompt_token_ids": vllm_prompt_ids(hf_config, prompt.input_ids),
+            "multi_modal_data": {"video": vllm_video(hf_config, prompt.frames)}}
 
 
 class VLLMEngine(RolloutEngine):
@@ -148,7 +181,7 @@ class VLLMEngine(RolloutEngine):
                                  max_tokens=sampling.max_tokens, stop_token_ids=[self.stop_id], logprobs=0,
                                  seed=None if seed is None else seed * n, skip_special_tokens=True)
                   for seed in prompt_seeds(prompts, sampling, seeds)]
-        requests = [_vllm_request(p, self.config.video_token_id) for p in prompts]
+        requests = [_vllm_request(p, self.config) for p in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [[Response(token_ids=list(c.token_ids), text=c.text,
                           logprobs=[step[t].logprob for step, t in zip(c.logprobs, c.token_ids)],

@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 
 from megatron_tr1.data.video import (
+    MIN_PIXELS,
+    TOTAL_PIXELS,
     VideoInfo,
     _decode_dali,
     _decode_pyav,
@@ -143,6 +145,20 @@ def test_smart_resize(hw, kw, expected):
 )
 def test_frame_size_applies_the_processor_floor(hwn, expected):
     assert frame_size(*hwn) == expected
+
+
+@pytest.mark.parametrize("hwn", [(360, 640, 768), (480, 640, 64), (1080, 1920, 16), (112, 112, 8)])
+def test_frame_size_at_32_pixel_tokens_keeps_the_token_budget(hwn):
+    """Qwen3-VL (patch 16 x merge 2): frames in multiples of 32 under budgets scaled by (32/28)^2, so a video gets
+    about as many visual tokens as Qwen2.5-VL's 28-pixel frames under the same data.video numbers."""
+    h, w, n = hwn
+    h28, w28 = frame_size(h, w, n)
+    h32, w32 = frame_size(h, w, n, factor=32)
+    assert h32 % 32 == 0 and w32 % 32 == 0
+    assert (h32, w32) == smart_resize(*smart_resize(h, w, 32, MIN_PIXELS * (32 / 28) ** 2, max_pixels_per_frame(
+        n, TOTAL_PIXELS * (32 / 28) ** 2, MIN_PIXELS * (32 / 28) ** 2, 768 * 32 * 32)), 32, MIN_PIXELS * (32 / 28) ** 2,
+        768 * 32 * 32)
+    assert abs(h32 * w32 / 32 ** 2 - h28 * w28 / 28 ** 2) <= 0.25 * h28 * w28 / 28 ** 2 + 4
 
 
 def test_smart_resize_rejects_extreme_aspect_ratio():

@@ -133,11 +133,14 @@ class PackedDotProductAttention(DotProductAttention):
         return out.transpose(0, 1)[rows.valid]
 
 
-def build_layer_specs(backend: str = "local") -> LayerSpecs:
-    """Specs for ``backend`` ("local" or "te"); "te" needs transformer-engine importable."""
+def build_layer_specs(backend: str = "local", qk_layernorm: bool = False) -> LayerSpecs:
+    """Specs for ``backend`` ("local" or "te"); "te" needs transformer-engine importable. ``qk_layernorm``: the
+    decoder layers normalise q and k per head (``q_layernorm`` / ``k_layernorm``, Qwen3's QK-norm); the vision
+    layers never do. The norm class follows each ``TransformerConfig.normalization`` (RMSNorm or LayerNorm)."""
     if backend == "local":
         layer = get_gpt_layer_local_spec(normalization="RMSNorm")
-        language = _with_mask_type(layer, AttnMaskType.causal)
+        language = _with_mask_type(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=True)
+                                   if qk_layernorm else layer, AttnMaskType.causal)
         language.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
         return LayerSpecs(backend, language, _with_mask_type(layer, AttnMaskType.padding))
     if backend == "te":
@@ -148,6 +151,8 @@ def build_layer_specs(backend: str = "local") -> LayerSpecs:
             raise ConfigError(f"model.layer_spec='te' needs transformer-engine ({exc}); install it "
                               "(pip install transformer-engine[pytorch]) or use model.layer_spec='local'") from exc
         layer = get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
-        return LayerSpecs(backend, _with_mask_type(layer, AttnMaskType.causal),
+        language = get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm", qk_layernorm=True) \
+            if qk_layernorm else layer
+        return LayerSpecs(backend, _with_mask_type(language, AttnMaskType.causal),
                           _with_mask_type(layer, AttnMaskType.padding))
     raise ConfigError(f"model.layer_spec={backend!r} is not one of {BACKENDS}")
