@@ -27,7 +27,8 @@ TRAIN_SBATCH = SLURM / "train.sbatch"
 GPUS_PER_NODE = 8
 TRAIN_YAMLS = sorted(EXAMPLES.glob("*.yaml"))
 SHELL_SCRIPTS = sorted([*EXAMPLES.rglob("*.sh"), *EXAMPLES.rglob("*.sbatch")])
-SCALED = {"7b": "qwen2.5-vl-7b", "72b": "qwen2.5-vl-72b"}  # recipes whose layout comes from `tr1 plan`
+SCALED = {"qwen2_5_vl_7b": "qwen2.5-vl-7b", "qwen2_5_vl_72b": "qwen2.5-vl-72b",  # recipes whose layout comes
+          "qwen3_vl_8b": "qwen3-vl-8b"}  # from `tr1 plan`
 # Fields the 7B/72B configs may change relative to the 3B Temporal-R1 config: the model, the layout and
 # what the layout needs; every training setting stays the 3B one.
 MAY_DIFFER = {"run_dir", "model.hf_dir", "model.tensor_parallel", "model.pipeline_parallel", "model.recompute",
@@ -70,8 +71,8 @@ def workload(cfg) -> Workload:
 def test_examples_exist():
     names = {p.name for p in TRAIN_YAMLS}
     assert {"qwen2_5_vl_3b_charades.yaml", "qwen2_5_vl_7b_charades.yaml", "qwen2_5_vl_72b_charades.yaml"} <= names
-    for size in ("3b", "7b", "72b"):
-        assert (EXAMPLES / f"qwen2_5_vl_{size}_charades.sh").is_file()
+    for stem in ("qwen2_5_vl_3b", *SCALED):
+        assert (EXAMPLES / f"{stem}_charades.sh").is_file() and (EXAMPLES / f"{stem}_charades.yaml").is_file()
     assert TRAIN_SBATCH.is_file() and (SLURM / "eval.sbatch").is_file() and (EXAMPLES / "eval.sh").is_file()
 
 
@@ -96,16 +97,18 @@ def test_scaled_configs_keep_the_3b_training_settings(size):
     import yaml
 
     base = flatten(yaml.safe_load((EXAMPLES / "qwen2_5_vl_3b_charades.yaml").read_text()))
-    scaled = flatten(yaml.safe_load((EXAMPLES / f"qwen2_5_vl_{size}_charades.yaml").read_text()))
+    scaled = flatten(yaml.safe_load((EXAMPLES / f"{size}_charades.yaml").read_text()))
     assert set(base) - MAY_DIFFER <= set(scaled)
     changed = {k for k in set(base) | set(scaled) if base.get(k) != scaled.get(k)}
     assert changed <= MAY_DIFFER, f"{size}: changed beyond the layout: {sorted(changed - MAY_DIFFER)}"
-    assert f"Qwen2.5-VL-{size.upper()}-Instruct" in scaled["model.hf_dir"]
+    family, params = size.rsplit("_", 1)
+    assert f"{ {'qwen2_5_vl': 'Qwen2.5-VL', 'qwen3_vl': 'Qwen3-VL'}[family]}-{params.upper()}-Instruct" in \
+        scaled["model.hf_dir"]
 
 
 @pytest.mark.parametrize("size, model", SCALED.items())
 def test_scaled_layout_is_the_planner_recommendation_and_fits(size, model):
-    path = EXAMPLES / f"qwen2_5_vl_{size}_charades.yaml"
+    path = EXAMPLES / f"{size}_charades.yaml"
     cfg = load_train_config(path)
     nodes = recipe_nodes(path)
     world = nodes * GPUS_PER_NODE
@@ -171,10 +174,10 @@ def test_train_sbatch_directives():
     assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" in text and "OMP_NUM_THREADS" in text
 
 
-@pytest.mark.parametrize("size", ["3b", *SCALED])
+@pytest.mark.parametrize("size", ["qwen2_5_vl_3b", *SCALED])
 def test_recipe_submits_its_config_and_nodes(size):
-    text = (EXAMPLES / f"qwen2_5_vl_{size}_charades.sh").read_text()
-    assert f"CONFIG=examples/qwen2_5_vl_{size}_charades.yaml" in text
+    text = (EXAMPLES / f"{size}_charades.sh").read_text()
+    assert f"CONFIG=examples/{size}_charades.yaml" in text
     assert re.search(r'sbatch .*--nodes "\$NODES".*\n.*examples/slurm/train\.sbatch', text)
     assert re.search(r'--dependency "afterok:\$TRAIN_JOB"\s*\\\n.*examples/slurm/eval\.sbatch', text)
     assert "tr1 convert mcore-to-hf" in text

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from megatron_tr1.errors import CheckpointError, ConfigError
-from megatron_tr1.models.family import require_supported
+from megatron_tr1.models.family import NAMES, family_of, hf_classes, require_supported
 
 _STAGING = re.compile(r".+\.(tmp|old)(-.*)?")  # model.tmp (stage end), step_N.tmp-TAG / .old-PID (rl.checkpoint)
 _STEP_DIR = re.compile(r"step_\d+")
@@ -29,8 +29,9 @@ _TEXT_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_att
 _VISION_SIZES = ("depth", "hidden_size", "intermediate_size", "num_heads", "patch_size", "spatial_merge_size",
                  "temporal_patch_size", "in_channels", "out_hidden_size")
 _OTHER_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ckpt")
-_WHERE_FROM = ("point it at a Qwen2.5-VL folder (e.g. downloaded Qwen/Qwen2.5-VL-3B-Instruct, or exported with "
-               "tr1 convert mcore-to-hf) or a tr1 checkpoint folder (RUN/stages/<stage>/model)")
+_WHERE_FROM = ("point it at a Qwen2.5-VL or Qwen3-VL folder (e.g. downloaded Qwen/Qwen2.5-VL-3B-Instruct or "
+               "Qwen/Qwen3-VL-8B-Instruct, or exported with tr1 convert mcore-to-hf) or a tr1 checkpoint folder "
+               "(RUN/stages/<stage>/model)")
 
 
 def _name(key: str, path) -> str:
@@ -102,8 +103,8 @@ def _not_a_model_folder(path: Path, name: str) -> NoReturn:
 
 
 def _check_config_json(cfg_path: Path, name: str, key: str) -> None:
-    """config.json: a JSON object of model_type qwen2_5_vl (``models.family``: Qwen3-VL is named and refused) whose
-    sizes are positive integers, that transformers' ``Qwen2_5_VLConfig`` accepts."""
+    """config.json: a JSON object of a family tr1 runs (``models.family``: qwen2_5_vl, qwen3_vl; others named and
+    refused) whose sizes are positive integers, that the family's transformers config class accepts."""
     if not cfg_path.is_file():
         raise CheckpointError(f"{name}: {cfg_path} is missing; the checkpoint is incomplete, save or convert it again")
     try:
@@ -117,7 +118,7 @@ def _check_config_json(cfg_path: Path, name: str, key: str) -> None:
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: {cfg_path} must be a JSON object, got a {type(raw).__name__}")
     # the family, in one place (models/family.py): another model's folder, or Qwen3-VL, which only tr1 plan sizes
-    require_supported(raw, f"{name}: {cfg_path}", _command(key), hint=_WHERE_FROM)
+    family = require_supported(raw, f"{name}: {cfg_path}", _command(key), hint=_WHERE_FROM)
     text, vision = raw.get("text_config"), raw.get("vision_config")
     for section, value in (("text_config", text), ("vision_config", vision)):
         if value is not None and not isinstance(value, dict):
@@ -128,13 +129,11 @@ def _check_config_json(cfg_path: Path, name: str, key: str) -> None:
     for field, value in sizes:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ConfigError(f"{name}: {cfg_path}: {field} must be a positive integer, got {value!r}")
-    from transformers import Qwen2_5_VLConfig
-
     try:
-        Qwen2_5_VLConfig.from_dict(dict(raw))  # transformers' own checks (types, layer_types, ...)
+        hf_classes(family)[0].from_dict(dict(raw))  # transformers' own checks (types, layer_types, ...)
     except Exception as e:
-        raise ConfigError(f"{name}: {cfg_path} is not a valid Qwen2.5-VL config ({_last_line(e)}); fix the field "
-                          f"or re-export it with save_pretrained") from None
+        raise ConfigError(f"{name}: {cfg_path} is not a valid {NAMES[family]} config ({_last_line(e)}); fix the "
+                          f"field or re-export it with save_pretrained") from None
 
 
 def _check_hf_weights(folder: Path, name: str) -> None:
@@ -189,16 +188,18 @@ def _check_mcore_weights(ckpt: Path, name: str) -> None:
 
 
 def load_hf_config_and_tokenizer(hf_dir: str | Path, key: str = "model.hf_dir"):
-    """``(Qwen2_5_VLConfig, tokenizer)`` of an HF folder, a tr1 checkpoint folder or its ``hf/`` folder, after
-    ``check_model_dir`` (errors name ``key``: ``model.hf_dir``, ``--model``)."""
-    from transformers import AutoTokenizer, Qwen2_5_VLConfig
+    """``(config, tokenizer)`` of an HF folder, a tr1 checkpoint folder or its ``hf/`` folder, after
+    ``check_model_dir`` (errors name ``key``: ``model.hf_dir``, ``--model``); the config is the family's transformers
+    class (``Qwen2_5_VLConfig``, ``Qwen3VLConfig``)."""
+    from transformers import AutoTokenizer
 
     side, _ = check_model_dir(hf_dir, key)
     name = _name(key, hf_dir)
+    family = family_of(side, f"{name}: {side / 'config.json'}")
     try:
-        config = Qwen2_5_VLConfig.from_pretrained(side)
+        config = hf_classes(family)[0].from_pretrained(side)
     except Exception as e:
-        raise ConfigError(f"{name}: {side / 'config.json'} is not a valid Qwen2.5-VL config "
+        raise ConfigError(f"{name}: {side / 'config.json'} is not a valid {NAMES[family]} config "
                           f"({_last_line(e)})") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(side)

@@ -2,7 +2,7 @@
 
 Starts TP x PP worker processes (``launch.run_ranks``: gloo on CPU, NCCL on GPU, as ``backend.resolve`` says),
 each loading its shard through ``convert.weights.load_weights`` (so a checkpoint stored at another layout or
-in the other spelling loads alike) and running ``Qwen2_5_VLModel`` forward
+in the other spelling loads alike) and running the Megatron model (``models.build_model``) forward
 on one text + video batch; pipeline stages hand hidden states on with point-to-point sends. The HF model
 runs the same batch in this process, given the M-RoPE positions of our ``get_rope_index`` (which the workers
 compute for themselves), so Megatron's M-RoPE is checked at the positions training uses. HF's own positions
@@ -112,19 +112,18 @@ def megatron_logits(rank: int, world: int, mcore_dir: str, tp: int, pp: int, spe
     stage, None elsewhere. The model computes in ``dtype`` on the backend's device (bf16 on CPU too: verify only
     runs a forward)."""
     from megatron.core import parallel_state as ps
-    from transformers import Qwen2_5_VLConfig
 
     from megatron_tr1.backend import resolve
     from megatron_tr1.convert.weights import load_weights
     from megatron_tr1.distributed import init_parallel
-    from megatron_tr1.models.qwen2_5_vl.model import Qwen2_5_VLModel
-    from megatron_tr1.models.qwen2_5_vl.rope_index import get_rope_index
+    from megatron_tr1.models import build_model
+    from megatron_tr1.models.positions import get_rope_index
 
     backend = dataclasses.replace(init_parallel(tp, pp, backend=resolve(spec)), dtype=DTYPES[dtype])
     device = backend.device
-    config = Qwen2_5_VLConfig.from_pretrained(Path(mcore_dir) / HF_SUBDIR)
-    model = Qwen2_5_VLModel(config, layer_spec=backend.layer_spec, params_dtype=backend.dtype,
-                            cpu_init=not backend.cuda).to(device)
+    config = _hf_config(Path(mcore_dir) / HF_SUBDIR)
+    model = build_model(config, layer_spec=backend.layer_spec, params_dtype=backend.dtype,
+                        cpu_init=not backend.cuda).to(device)
     load_weights(model, mcore_dir)
     model.eval()
     tp_rank = ps.get_tensor_model_parallel_rank()
@@ -150,11 +149,11 @@ def hf_logits(hf_dir: str, dtypes: list[str], batch: dict, device: torch.device)
     ``get_rope_index``'s M-RoPE positions. The model loads once, in float32, and its parameters are cast in place
     for each further dtype (buffers such as the rotary frequencies stay float32, as ``from_pretrained(dtype=...)``
     leaves them): one copy of the weights at a time."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from megatron_tr1.models.family import family_of, hf_classes
+    from megatron_tr1.models.positions import get_rope_index
 
-    from megatron_tr1.models.qwen2_5_vl.rope_index import get_rope_index
-
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
+    model_class = hf_classes(family_of(Path(hf_dir), f"--hf-dir {hf_dir}"))[1]
+    model = model_class.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
     position_ids = get_rope_index(model.config, batch["input_ids"], video_grid_thw=batch["video_grid_thw"],
                                   second_per_grid_ts=batch["second_per_grid_ts"]).to(device)
     inputs = {k: batch[k].to(device) for k in ("input_ids", "pixel_values_videos", "video_grid_thw")}
@@ -215,9 +214,14 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.3g}" if b > 0 else "inf"
 
 
-def main(args: argparse.Namespace) -> int:
-    from transformers import Qwen2_5_VLConfig
+def _hf_config(folder: Path):
+    """The transformers config of the model folder ``folder``, of its family's class."""
+    from megatron_tr1.models.family import family_of, hf_classes
 
+    return hf_classes(family_of(folder, str(folder / "config.json")))[0].from_pretrained(folder)
+
+
+def main(args: argparse.Namespace) -> int:
     from megatron_tr1.backend import resolve
     from megatron_tr1.launch import run_ranks
 
@@ -231,7 +235,7 @@ def main(args: argparse.Namespace) -> int:
     spec = backend.layer_spec
     if backend.cuda and torch.cuda.device_count() < tp * pp:
         raise ConfigError(f"--tp {tp} x --pp {pp} needs {tp * pp} GPUs; this node has {torch.cuda.device_count()}")
-    config = Qwen2_5_VLConfig.from_pretrained(args.hf_dir)
+    config = _hf_config(Path(args.hf_dir))
     batch = synthetic_batch(config, args.seed)
     ranks = run_ranks(megatron_logits, tp * pp, str(args.mcore_dir), tp, pp, spec, args.dtype, batch,
                       timeout=3600, threads=max(1, (os.cpu_count() or 1) // (tp * pp)),

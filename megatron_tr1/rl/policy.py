@@ -1,4 +1,5 @@
-"""The policy: this rank's ``Qwen2_5_VLModel`` built for the backend.
+"""The policy: this rank's Megatron model (``Qwen2_5_VLModel`` or ``Qwen3VLModel``, ``models.build_model``) built
+for the backend.
 
 ``build_policy(hf_config, model_cfg, backend)``: the model with the backend's layer spec and dtype on its device,
 parts frozen as ``model.freeze_*`` says. Weights are loaded and saved through ``convert.weights`` (one loader for
@@ -14,9 +15,9 @@ from megatron_tr1.backend import Backend
 
 def build_policy(hf_config, model_cfg, backend: Backend) -> torch.nn.Module:
     """This rank's model (parallel state initialised), frozen as ``model_cfg.freeze_*`` says, on the device."""
-    from megatron_tr1.models.qwen2_5_vl import Qwen2_5_VLModel
+    from megatron_tr1.models import build_model
 
-    model = Qwen2_5_VLModel(hf_config, layer_spec=backend.layer_spec, params_dtype=backend.dtype,
-                            cpu_init=not backend.cuda, recompute=model_cfg.recompute)
+    model = build_model(hf_config, layer_spec=backend.layer_spec, params_dtype=backend.dtype,
+                        cpu_init=not backend.cuda, recompute=model_cfg.recompute)
     model.freeze(model_cfg.freeze_vision, model_cfg.freeze_merger, model_cfg.freeze_llm)
     return model.to(backend.device)

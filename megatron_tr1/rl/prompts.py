@@ -18,7 +18,7 @@ from megatron_tr1.data.annotations import Sample
 from megatron_tr1.data.prompt import RolloutPrompt
 from megatron_tr1.data.prompt_cache import sample_prompt
 from megatron_tr1.errors import ConfigError
-from megatron_tr1.models.qwen2_5_vl.rope_index import get_rope_index
+from megatron_tr1.models.positions import get_rope_index
 from megatron_tr1.rl.batching import TokenSequence, pack_batch, pad_batch, unpack
 from megatron_tr1.rl.config import TrainConfig
 from megatron_tr1.tasks import DEFAULT, get_task

@@ -23,7 +23,7 @@ import torch
 
 from megatron_tr1.data.prompt import RolloutPrompt
 from megatron_tr1.errors import ConfigError
-from megatron_tr1.models.qwen2_5_vl.rope_index import get_rope_index
+from megatron_tr1.models.positions import get_rope_index
 
 STOP_TOKEN = "<|im_end|>"
 ENGINES = ("hf", "vllm")

@@ -1,4 +1,5 @@
-"""``HFEngine``: the pure-PyTorch rollout engine (HF ``Qwen2_5_VLForConditionalGeneration`` + a KV cache).
+"""``HFEngine``: the pure-PyTorch rollout engine (HF ``Qwen2_5_VLForConditionalGeneration`` or
+``Qwen3VLForConditionalGeneration``, by the config's family, + a KV cache).
 
 For machines where vLLM does not run, and as the reference the vLLM engine is tested against. Prompts are
 prefilled together (left-padded, up to ``max_batch_prompts``) at the trainer's M-RoPE positions
@@ -14,6 +15,7 @@ import torch
 
 from megatron_tr1.convert.mapping import hf_disk_name, name_list
 from megatron_tr1.errors import CheckpointError
+from megatron_tr1.models.family import family_of, hf_classes
 from megatron_tr1.data.prompt import RolloutPrompt
 from megatron_tr1.rollout.engine import (Response, RolloutEngine, Sampling, prompt_positions, prompt_seeds,
                                          stop_token_id)
@@ -45,12 +47,11 @@ class HFEngine(RolloutEngine):
                  device: str = "cpu", max_batch_prompts: int = 64):
         """Random weights from ``hf_config`` (to be pushed), or those of the HF directory ``model_dir``;
         ``generate`` prefills up to ``max_batch_prompts`` prompts together."""
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
+        _, model_class = hf_classes(family_of(hf_config, "hf_config"))
         if model_dir is None:
-            model = Qwen2_5_VLForConditionalGeneration(hf_config)
+            model = model_class(hf_config)
         else:
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, config=hf_config)
+            model = model_class.from_pretrained(model_dir, config=hf_config)
         self.model = model.to(device=device, dtype=dtype).eval()
         self.config, self.tokenizer, self.device = hf_config, tokenizer, device
         self.dtype, self.max_batch_prompts = dtype, max_batch_prompts

@@ -22,9 +22,23 @@ def trainer_mrope_positions(model, input_tokens: list[int], mm_features) -> tupl
     rule but truncate ``frame * tokens_per_second * second_per_grid_ts`` in float64, where ``get_rope_index``,
     like transformers, does so in float32: a temporal id can differ by one (never seen for clips short enough
     to be sampled at the full 2 fps, but for about 1 in 10 clips of 5 s to 30 min at common frame rates,
-    where the 768-frame cap lowers the rate), so they are replaced."""
-    from megatron_tr1.models.qwen2_5_vl.rope_index import get_rope_index
+    where the 768-frame cap lowers the rate), so they are replaced.
 
+    Qwen3-VL: the grids come from the features themselves (vLLM's Qwen3-VL model has no ``iter_mm_grid_thw``) and the
+    positions from ``models.positions.get_rope_index`` (one grid per frame; vLLM's own are equal, tested in
+    ``tests/models/test_qwen3_vl_rope_index.py``; replaced all the same so one function decides)."""
+    from megatron_tr1.models.family import QWEN3_VL, family_of
+    from megatron_tr1.models.positions import get_rope_index
+
+    if family_of(model.config, "vLLM model config") == QWEN3_VL:
+        ordered = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        grids = {m: [f.data[f"{m}_grid_thw"].data.tolist() for f in ordered if f.modality == m]
+                 for m in ("image", "video")}
+        positions = get_rope_index(
+            model.config, torch.tensor([input_tokens]),
+            image_grid_thw=torch.tensor(grids["image"]) if grids["image"] else None,
+            video_grid_thw=torch.tensor(grids["video"]) if grids["video"] else None)[:, 0]
+        return positions, int(positions.max()) + 1 - len(input_tokens)
     merge = model.config.vision_config.spatial_merge_size
     tokens_per_second = model.config.vision_config.tokens_per_second
     grids = {"image": [], "video": []}

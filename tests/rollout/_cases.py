@@ -55,7 +55,7 @@ def write_model_dir(hf, path) -> str:
 
 def full_sequence(config, prompt, response_ids):
     """Trainer-side inputs for prompt + response: ids ``[1, L]``, positions ``[3, 1, L]``, labels ``[1, L]``."""
-    from megatron_tr1.models.qwen2_5_vl import get_rope_index
+    from megatron_tr1.models.positions import get_rope_index
 
     ids = torch.tensor([prompt.input_ids + list(response_ids)])
     positions = get_rope_index(config, ids, video_grid_thw=prompt.video.video_grid_thw,
