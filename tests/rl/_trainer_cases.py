@@ -179,3 +179,14 @@ def engine_sleep_case(rank, world, root):
         for module, original in patched:
             module.forward_backward = original
     return {"status": status, "seen": seen, "awake_at_end": state["awake"]}
+
+
+def qwen3_vl_run_case(rank, world, root):
+    """A short ``tr1 train`` (base, SFT, GRPO) on the demo's tiny model built as Qwen3-VL; its GRPO records and the
+    folder's model_type."""
+    from megatron_tr1.rl.train_cli import train
+
+    train(run_dir_config(root, "model.tiny.family=qwen3_vl", "eval.seed_protocols=false", "eval.videoqa=false"))
+    records = [json.loads(line) for line in Path(root, "stages/grpo/metrics.jsonl").read_text().splitlines()]
+    model_type = json.loads(Path(root, "model_init/config.json").read_text())["model_type"]
+    return {"grpo": records, "model_type": model_type, "results": json.loads(Path(root, "results.json").read_text())}
