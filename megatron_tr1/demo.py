@@ -167,11 +167,17 @@ def tiny_hf_config(tie_word_embeddings: bool = False, num_key_value_heads: int =
 
 def tiny_hf_model(seed: int = 0, **cfg) -> Qwen2_5_VLForConditionalGeneration:
     """A random fp32 HF model from ``tiny_hf_config(**cfg)``; biases and norms are randomised too."""
+    return _random_model(Qwen2_5_VLForConditionalGeneration, tiny_hf_config(**cfg), seed, ("norm", "ln_q"))
+
+
+def _random_model(model_class, config, seed: int, markers: tuple[str, ...]):
+    """``model_class(config)`` in fp32 from ``seed``, with every bias and every parameter whose name holds one of
+    ``markers`` moved off its default too (HF initialises biases to 0 and norms to 1; make every tensor matter)."""
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_hf_config(**cfg)).float().eval()
-    with torch.no_grad():  # HF initialises biases to 0 and norms to 1; make every tensor matter
+    model = model_class(config).float().eval()
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or "ln_q" in name:
+            if name.endswith("bias") or any(m in name for m in markers):
                 p.add_(0.1 * torch.randn_like(p))
     return model
 
@@ -205,13 +211,7 @@ def tiny_qwen3_vl_model(seed: int = 0, **cfg):
     (QK-norm and LayerNorm biases included) and the position embedding are randomised too."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(tiny_qwen3_vl_config(**cfg)).float().eval()
-    with torch.no_grad():  # HF initialises biases to 0 and norms to 1; make every tensor matter
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or "pos_embed" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return _random_model(Qwen3VLForConditionalGeneration, tiny_qwen3_vl_config(**cfg), seed, ("norm", "pos_embed"))
 
 
 def _demo_config(tiny):
