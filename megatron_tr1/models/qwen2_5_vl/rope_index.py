@@ -22,12 +22,44 @@ import torch
 from megatron_tr1.errors import ConfigError
 
 
-def _vision_positions(start: int, grid_thw: list[int], merge: int, interval: float) -> torch.Tensor:
+def vision_positions(start: int, grid_thw: list[int], merge: int, interval: float = 1) -> torch.Tensor:
+    """``[3, t*h*w/merge^2]`` ids of one vision block of grid ``(t, h, w)`` (in patches) starting at ``start``:
+    temporal ``start + floor(i * interval)``, height / width ``start + row`` / ``start + col`` over the merged grid."""
     t, h, w = grid_thw[0], grid_thw[1] // merge, grid_thw[2] // merge
     tt = (torch.arange(t) * interval).long() + start
     hh = torch.arange(h) + start
     ww = torch.arange(w) + start
     return torch.stack(torch.meshgrid(tt, hh, ww, indexing="ij")).reshape(3, -1)
+
+
+def walk_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, blocks: dict, place) -> torch.Tensor:
+    """Position ids ``[3, b, s]`` of ``input_ids`` ``[b, s]``, shared by both families' ``get_rope_index``.
+
+    Text runs advance all three axes by one per token; at a token of ``blocks`` (token id -> iterator over its vision
+    blocks' grids, consumed in order over the whole batch) ``place(token, grid, pos, row, i, ids)`` returns the
+    block's ids ``[3, n]``, its token count ``n`` and the position the text after it starts at (``grid`` is None
+    when the iterator is exhausted: ``place`` raises). Padding (``attention_mask == 0``) gets position 0."""
+    position_ids = torch.zeros(3, *input_ids.shape, dtype=torch.long)
+    for b in range(input_ids.shape[0]):
+        keep = attention_mask[b].bool() if attention_mask is not None else torch.ones_like(input_ids[b], dtype=bool)
+        ids = input_ids[b][keep].tolist()
+        pieces, pos, i = [], 0, 0
+        while i < len(ids):
+            token = ids[i]
+            if token not in blocks:
+                j = i
+                while j < len(ids) and ids[j] not in blocks:
+                    j += 1
+                pieces.append(torch.arange(pos, pos + j - i).expand(3, -1))
+                pos += j - i
+                i = j
+                continue
+            block, n, pos = place(token, next(blocks[token], None), pos, b, i, ids)
+            pieces.append(block)
+            i += n
+        if pieces:
+            position_ids[:, b, keep] = torch.cat(pieces, dim=1)
+    return position_ids.to(input_ids.device)
 
 
 def get_rope_index(hf_config, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -43,33 +75,17 @@ def get_rope_index(hf_config, input_ids: torch.Tensor, attention_mask: torch.Ten
     grids = {hf_config.image_token_id: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
              hf_config.video_token_id: iter(video_grid_thw.tolist() if video_grid_thw is not None else [])}
     seconds = iter(second_per_grid_ts.tolist() if second_per_grid_ts is not None else [])
-    position_ids = torch.zeros(3, *input_ids.shape, dtype=torch.long)
-    for b in range(input_ids.shape[0]):
-        keep = attention_mask[b].bool() if attention_mask is not None else torch.ones_like(input_ids[b], dtype=bool)
-        ids = input_ids[b][keep].tolist()
-        pieces, pos, i = [], 0, 0
-        while i < len(ids):
-            token = ids[i]
-            if token not in grids:
-                j = i
-                while j < len(ids) and ids[j] not in grids:
-                    j += 1
-                pieces.append(torch.arange(pos, pos + j - i).expand(3, -1))
-                pos += j - i
-                i = j
-                continue
-            kind = "video_grid_thw" if token == hf_config.video_token_id else "image_grid_thw"
-            grid = next(grids[token], None)
-            if grid is None:
-                raise ConfigError(f"{kind}: more vision runs in input_ids (row {b}) than grids given")
-            n = grid[0] * grid[1] * grid[2] // merge ** 2
-            if ids[i:i + n] != [token] * n:
-                raise ConfigError(f"{kind}: grid {grid} needs {n} consecutive pad tokens at row {b}, "
-                                  f"position {i}; input_ids hold fewer")
-            interval = tokens_per_second * next(seconds, 1.0) if token == hf_config.video_token_id else 1
-            pieces.append(_vision_positions(pos, grid, merge, interval))
-            pos = int(pieces[-1].max()) + 1
-            i += n
-        if pieces:
-            position_ids[:, b, keep] = torch.cat(pieces, dim=1)
-    return position_ids.to(input_ids.device)
+
+    def place(token, grid, pos, b, i, ids):
+        kind = "video_grid_thw" if token == hf_config.video_token_id else "image_grid_thw"
+        if grid is None:
+            raise ConfigError(f"{kind}: more vision runs in input_ids (row {b}) than grids given")
+        n = grid[0] * grid[1] * grid[2] // merge ** 2
+        if ids[i:i + n] != [token] * n:
+            raise ConfigError(f"{kind}: grid {grid} needs {n} consecutive pad tokens at row {b}, "
+                              f"position {i}; input_ids hold fewer")
+        interval = tokens_per_second * next(seconds, 1.0) if token == hf_config.video_token_id else 1
+        block = vision_positions(pos, grid, merge, interval)
+        return block, n, int(block.max()) + 1
+
+    return walk_rows(input_ids, attention_mask, grids, place)

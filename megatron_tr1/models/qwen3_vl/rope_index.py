@@ -21,12 +21,7 @@ from __future__ import annotations
 import torch
 
 from megatron_tr1.errors import ConfigError
-
-
-def _block_positions(start: int, h: int, w: int) -> torch.Tensor:
-    hh = torch.arange(h).view(-1, 1).expand(h, w).reshape(-1) + start
-    ww = torch.arange(w).view(1, -1).expand(h, w).reshape(-1) + start
-    return torch.stack([torch.full_like(hh, start), hh, ww])
+from megatron_tr1.models.qwen2_5_vl.rope_index import vision_positions, walk_rows
 
 
 def _frames(grid_thw: torch.Tensor | None) -> list[list[int]]:
@@ -46,33 +41,16 @@ def get_rope_index(hf_config, input_ids: torch.Tensor, attention_mask: torch.Ten
     merge = hf_config.vision_config.spatial_merge_size
     blocks = {hf_config.image_token_id: iter(_frames(image_grid_thw)),
               hf_config.video_token_id: iter(_frames(video_grid_thw))}
-    position_ids = torch.zeros(3, *input_ids.shape, dtype=torch.long)
-    for b in range(input_ids.shape[0]):
-        keep = attention_mask[b].bool() if attention_mask is not None else torch.ones_like(input_ids[b], dtype=bool)
-        ids = input_ids[b][keep].tolist()
-        pieces, pos, i = [], 0, 0
-        while i < len(ids):
-            token = ids[i]
-            if token not in blocks:
-                j = i
-                while j < len(ids) and ids[j] not in blocks:
-                    j += 1
-                pieces.append(torch.arange(pos, pos + j - i).expand(3, -1))
-                pos += j - i
-                i = j
-                continue
-            kind = "video_grid_thw" if token == hf_config.video_token_id else "image_grid_thw"
-            grid = next(blocks[token], None)
-            if grid is None:
-                raise ConfigError(f"{kind}: more vision blocks in input_ids (row {b}) than the grids give "
-                                  f"(a video grid (t, h, w) gives t blocks)")
-            h, w = grid[1] // merge, grid[2] // merge
-            if ids[i:i + h * w] != [token] * (h * w):
-                raise ConfigError(f"{kind}: a block of grid {grid} needs {h * w} consecutive pad tokens at row {b}, "
-                                  f"position {i}; input_ids hold fewer")
-            pieces.append(_block_positions(pos, h, w))
-            pos += max(h, w)
-            i += h * w
-        if pieces:
-            position_ids[:, b, keep] = torch.cat(pieces, dim=1)
-    return position_ids.to(input_ids.device)
+
+    def place(token, grid, pos, b, i, ids):
+        kind = "video_grid_thw" if token == hf_config.video_token_id else "image_grid_thw"
+        if grid is None:
+            raise ConfigError(f"{kind}: more vision blocks in input_ids (row {b}) than the grids give "
+                              f"(a video grid (t, h, w) gives t blocks)")
+        h, w = grid[1] // merge, grid[2] // merge
+        if ids[i:i + h * w] != [token] * (h * w):
+            raise ConfigError(f"{kind}: a block of grid {grid} needs {h * w} consecutive pad tokens at row {b}, "
+                              f"position {i}; input_ids hold fewer")
+        return vision_positions(pos, grid, merge), h * w, pos + max(h, w)
+
+    return walk_rows(input_ids, attention_mask, blocks, place)
