@@ -190,11 +190,23 @@ def pp_case(rank, world, tp, tie, recompute="none"):
     return out
 
 
+def freeze_case(rank, world):
+    """Which parameters still require gradients after each freeze switch (parallel state initialised)."""
+    hf = tiny_qwen3_vl_model(0)
+    out = {}
+    for switch in ("vision_tower", "merger", "language_model"):
+        model = tiny_mcore_qwen3_vl(hf)
+        model.freeze(**{switch: True})
+        out[switch] = {n: p.requires_grad for n, p in model.named_parameters()}
+    return out
+
+
 def one_rank_suite(rank, world):
-    """TP1 untied (2 query groups), TP1 tied (1 group) with full recompute, and the packed path, in one process."""
+    """TP1 untied (2 query groups), TP1 tied (1 group) with full recompute, the packed path and the freeze switches,
+    in one process."""
     return {"tp1": tp_case(rank, world, 1, False, 2, 0.7),
             "tp1_tied_recompute": tp_case(rank, world, 1, True, 1, 1.0, recompute="full"),
-            "packed": packed_case(rank, world)}
+            "packed": packed_case(rank, world), "freeze": freeze_case(rank, world)}
 
 
 def two_rank_suite(rank, world):

@@ -68,6 +68,16 @@ def test_tp1_tied_single_query_group_with_full_recompute_equals_hf(one_rank):
     _check_tp([r["tp1_tied_recompute"] for r in one_rank], 1, True, 1)
 
 
+def test_freeze_switches_cover_the_position_table_and_deepstack_mergers(one_rank):
+    parts = {"vision_tower": ("vision.patch_embed.", "vision.pos_embed.", "vision.decoder."),
+             "merger": ("vision.merger.", "vision.deepstack_merger_list."), "language_model": ("language_model.",)}
+    for switch, state in one_rank[0]["freeze"].items():
+        assert any(state.values()) and not all(state.values())
+        for name, requires_grad in state.items():
+            assert requires_grad is not name.startswith(parts[switch]), (switch, name)
+    assert any(n.startswith("vision.deepstack_merger_list.") for n in one_rank[0]["freeze"]["merger"])
+
+
 def test_packed_logprobs_equal_the_padded_ones(one_rank):
     r = one_rank[0]["packed"]
     assert r["tokens"] > 50

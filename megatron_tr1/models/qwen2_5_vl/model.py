@@ -22,28 +22,37 @@ from megatron_tr1.models.qwen2_5_vl.vision import VisionTower
 
 
 class Qwen2_5_VLModel(MegatronModule):
-    """Qwen2.5-VL for this rank's (TP, PP) position; parallel state must be initialised first."""
+    """Qwen2.5-VL for this rank's (TP, PP) position; parallel state must be initialised first.
+
+    The family's parts are class attributes (its config builders, decoder and vision tower classes, QK-norm), so a
+    family that differs only in them (``models.qwen3_vl.Qwen3VLModel``) subclasses this and sets its own."""
+
+    language_config = staticmethod(language_config)
+    vision_config = staticmethod(vision_config)
+    language_class = LanguageModel
+    vision_class = VisionTower
+    qk_layernorm = False
 
     def __init__(self, hf_config, layer_spec: str = "local", params_dtype: torch.dtype = torch.float32,
                  cpu_init: bool = False, sequence_parallel: bool = False, recompute: str = "none"):
         tp = parallel_state.get_tensor_model_parallel_world_size()
         pp = parallel_state.get_pipeline_model_parallel_world_size()
-        config = language_config(hf_config, tp, pp, params_dtype, cpu_init, sequence_parallel, recompute)
+        config = self.language_config(hf_config, tp, pp, params_dtype, cpu_init, sequence_parallel, recompute)
         super().__init__(config)
         if sequence_parallel:
-            raise ConfigError("Qwen2_5_VLModel(sequence_parallel=True): sequence parallelism is not supported yet "
-                              "(the visual embeddings are spliced into the full-sequence embeddings)")
+            raise ConfigError(f"{type(self).__name__}(sequence_parallel=True): sequence parallelism is not supported "
+                              "yet (the visual embeddings are spliced into the full-sequence embeddings)")
         self.hf_config = hf_config
         self.model_type = ModelType.encoder_or_decoder  # for megatron's pipeline schedules
         self.pre_process = parallel_state.is_pipeline_first_stage()
         self.post_process = parallel_state.is_pipeline_last_stage()
         self.share_embeddings_and_output_weights = hf_config.tie_word_embeddings
-        specs = build_layer_specs(layer_spec)
+        specs = build_layer_specs(layer_spec, qk_layernorm=self.qk_layernorm)
         self.vision = None
         if self.pre_process:
-            self.vision = VisionTower(vision_config(hf_config, tp, params_dtype, cpu_init, sequence_parallel),
-                                      hf_config, specs)
-        self.language_model = LanguageModel(config, hf_config, specs, self.pre_process, self.post_process)
+            self.vision = self.vision_class(
+                self.vision_config(hf_config, tp, params_dtype, cpu_init, sequence_parallel), hf_config, specs)
+        self.language_model = self.language_class(config, hf_config, specs, self.pre_process, self.post_process)
         self._specs = specs
 
     # --- pipeline plumbing (megatron's schedules and finalize_model_grads look these up) ---
@@ -57,9 +66,9 @@ class Qwen2_5_VLModel(MegatronModule):
         """Stop gradients for the chosen parts (True freezes; False leaves the part as it is)."""
         parts = []
         if self.vision is not None and vision_tower:
-            parts += [self.vision.patch_embed, self.vision.decoder]
+            parts += self.vision.tower_parts()
         if self.vision is not None and merger:
-            parts.append(self.vision.merger)
+            parts += self.vision.merger_parts()
         if language_model:
             parts.append(self.language_model)
         for part in parts:

@@ -111,6 +111,14 @@ class VisionTower(MegatronModule):
         self.decoder = TransformerBlock(config, specs.vision_layer, post_layer_norm=False)
         self.merger = PatchMerger(config, vc.hidden_size, vc.spatial_merge_size, vc.out_hidden_size)
 
+    def tower_parts(self) -> list[torch.nn.Module]:
+        """What ``model.freeze_vision`` freezes: the patch embedding and the blocks."""
+        return [self.patch_embed, self.decoder]
+
+    def merger_parts(self) -> list[torch.nn.Module]:
+        """What ``model.freeze_merger`` freezes."""
+        return [self.merger]
+
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         grid_thw = grid_thw.cpu()
         unit = self.merge * self.merge

@@ -1,9 +1,9 @@
 """``Qwen3VLModel``: Qwen3-VL (dense) on megatron-core, TP x PP; the public interface of ``Qwen2_5_VLModel``.
 
 It is ``Qwen2_5_VLModel`` (pipeline plumbing, the padded and packed forwards, the fused log-prob path) with
-Qwen3-VL's parts: the decoder with QK-norm and interleaved M-RoPE (``language.py``), the vision tower with learned
-positions and DeepStack mergers (``vision.py``), and DeepStack itself. (It skips ``Qwen2_5_VLModel.__init__``, which
-builds Qwen2.5-VL's parts, and inherits the rest.)
+Qwen3-VL's parts, set as the class attributes ``Qwen2_5_VLModel.__init__`` builds from: the decoder with QK-norm and
+interleaved M-RoPE (``language.py``), the vision tower with learned positions and DeepStack mergers (``vision.py``);
+and DeepStack itself.
 
 **QK-norm and TP.** ``q_layernorm`` / ``k_layernorm`` weights are replicated over TP while each rank normalises only its
 own heads, so after a backward pass each rank holds a partial gradient; megatron's ``finalize_model_grads`` sums them
@@ -33,13 +33,9 @@ import functools
 import weakref
 
 import torch
-from megatron.core import parallel_state
-from megatron.core.transformer.enums import ModelType
-from megatron.core.transformer.module import MegatronModule
 
 from megatron_tr1.errors import ConfigError
 from megatron_tr1.models.qwen2_5_vl.model import Qwen2_5_VLModel
-from megatron_tr1.models.qwen2_5_vl.specs import build_layer_specs
 from megatron_tr1.models.qwen3_vl.config import language_config, vision_config
 from megatron_tr1.models.qwen3_vl.language import LanguageModel
 from megatron_tr1.models.qwen3_vl.vision import VisionTower
@@ -132,43 +128,17 @@ class DeepStack:
 class Qwen3VLModel(Qwen2_5_VLModel):
     """Qwen3-VL (dense) for this rank's (TP, PP) position; parallel state must be initialised first."""
 
+    language_config = staticmethod(language_config)
+    vision_config = staticmethod(vision_config)
+    language_class = LanguageModel
+    vision_class = VisionTower
+    qk_layernorm = True
+
     def __init__(self, hf_config, layer_spec: str = "local", params_dtype: torch.dtype = torch.float32,
                  cpu_init: bool = False, sequence_parallel: bool = False, recompute: str = "none"):
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        pp = parallel_state.get_pipeline_model_parallel_world_size()
-        config = language_config(hf_config, tp, pp, params_dtype, cpu_init, sequence_parallel, recompute)
-        MegatronModule.__init__(self, config)  # Qwen2_5_VLModel's own __init__ builds Qwen2.5-VL parts
-        if sequence_parallel:
-            raise ConfigError("Qwen3VLModel(sequence_parallel=True): sequence parallelism is not supported yet "
-                              "(the visual embeddings are spliced into the full-sequence embeddings)")
-        self.hf_config = hf_config
-        self.model_type = ModelType.encoder_or_decoder  # for megatron's pipeline schedules
-        self.pre_process = parallel_state.is_pipeline_first_stage()
-        self.post_process = parallel_state.is_pipeline_last_stage()
-        self.share_embeddings_and_output_weights = hf_config.tie_word_embeddings
-        specs = build_layer_specs(layer_spec, qk_layernorm=True)
-        self.vision = None
-        if self.pre_process:
-            self.vision = VisionTower(vision_config(hf_config, tp, params_dtype, cpu_init, sequence_parallel),
-                                      hf_config, specs)
-        self.language_model = LanguageModel(config, hf_config, specs, self.pre_process, self.post_process)
-        self._specs = specs
+        super().__init__(hf_config, layer_spec, params_dtype, cpu_init, sequence_parallel, recompute)
         count = len(hf_config.vision_config.deepstack_visual_indexes)
         self.deepstack = DeepStack(self.language_model.decoder.layers, count) if self.pre_process and count else None
-
-    def freeze(self, vision_tower: bool = False, merger: bool = False, language_model: bool = False) -> None:
-        """Stop gradients for the chosen parts (True freezes; False leaves the part as it is). The vision tower is
-        the patch and position embeddings and the blocks; the mergers are the main one and DeepStack's."""
-        parts = []
-        if self.vision is not None and vision_tower:
-            parts += [self.vision.patch_embed, self.vision.pos_embed, self.vision.decoder]
-        if self.vision is not None and merger:
-            parts += [self.vision.merger, self.vision.deepstack_merger_list]
-        if language_model:
-            parts.append(self.language_model)
-        for part in parts:
-            for p in part.parameters():
-                p.requires_grad_(False)
 
     def _embed(self, input_ids, pixel_values_videos=None, video_grid_thw=None, pixel_values=None,
                image_grid_thw=None):

@@ -116,6 +116,14 @@ class VisionTower(MegatronModule):
             [PatchMerger(config, vc.hidden_size, self.merge, vc.out_hidden_size, postshuffle=True)
              for _ in self.deepstack_indexes])
 
+    def tower_parts(self) -> list[torch.nn.Module]:
+        """What ``model.freeze_vision`` freezes: the patch and position embeddings and the blocks."""
+        return [self.patch_embed, self.pos_embed, self.decoder]
+
+    def merger_parts(self) -> list[torch.nn.Module]:
+        """What ``model.freeze_merger`` freezes: the main merger and DeepStack's."""
+        return [self.merger, self.deepstack_merger_list]
+
     def positions(self, grid_thw: torch.Tensor) -> torch.Tensor:
         """The learned position embedding of every patch ``[n_patches, hidden]`` (bilinear over the table)."""
         index, weight = interpolation_taps(grid_thw, self.merge, self.side)
