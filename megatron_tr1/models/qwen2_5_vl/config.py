@@ -25,10 +25,25 @@ def validate_layout(hf_config, tp: int, pp: int) -> None:
         if act != "silu":
             raise ConfigError(f"{field}={act!r} is not supported; Qwen2.5-VL uses 'silu'")
     section = text.rope_parameters.get("mrope_section")
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    if section is None or sum(section) * 2 != head_dim:
+    if section is None or sum(section) * 2 != head_dim(text):
         raise ConfigError(f"text_config.rope_parameters.mrope_section={section} must sum to head_dim/2="
-                          f"{head_dim // 2}")
+                          f"{head_dim(text) // 2}")
+
+
+def head_dim(text) -> int:
+    """The attention head size of a text config: its ``head_dim`` where it has one, else hidden / heads."""
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
+def recompute_options(recompute: str) -> dict:
+    """``TransformerConfig`` arguments for ``model.recompute``: "none", "selective" (core attention) or "full" (every
+    layer, one per checkpoint)."""
+    if recompute not in ("none", "selective", "full"):
+        raise ConfigError(f"model.recompute={recompute!r} must be one of none, selective, full")
+    remat = {} if recompute == "none" else {"recompute_granularity": recompute}
+    if recompute == "full":
+        remat.update(recompute_method="uniform", recompute_num_layers=1)
+    return remat
 
 
 def _common(tp: int, params_dtype: torch.dtype, cpu_init: bool, sequence_parallel: bool) -> dict:
@@ -46,18 +61,13 @@ def language_config(hf_config, tp: int = 1, pp: int = 1, params_dtype: torch.dty
                     ) -> TransformerConfig:
     """The decoder config: GQA, QKV bias only, RMSNorm, SwiGLU, M-RoPE sections from the HF config.
     ``recompute``: "none", "selective" (core attention) or "full" (every layer, one per checkpoint)."""
-    if recompute not in ("none", "selective", "full"):
-        raise ConfigError(f"model.recompute={recompute!r} must be one of none, selective, full")
-    remat = {} if recompute == "none" else {"recompute_granularity": recompute}
-    if recompute == "full":
-        remat.update(recompute_method="uniform", recompute_num_layers=1)
+    remat = recompute_options(recompute)
     validate_layout(hf_config, tp, pp)
     text = hf_config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return TransformerConfig(
         num_layers=text.num_hidden_layers, hidden_size=text.hidden_size,
         num_attention_heads=text.num_attention_heads, num_query_groups=text.num_key_value_heads,
-        kv_channels=head_dim, ffn_hidden_size=text.intermediate_size, layernorm_epsilon=text.rms_norm_eps,
+        kv_channels=head_dim(text), ffn_hidden_size=text.intermediate_size, layernorm_epsilon=text.rms_norm_eps,
         add_bias_linear=False, add_qkv_bias=True, mrope_section=list(text.rope_parameters["mrope_section"]),
         pipeline_model_parallel_size=pp, **remat, **_common(tp, params_dtype, cpu_init, sequence_parallel))
 

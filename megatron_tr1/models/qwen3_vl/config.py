@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_tr1.errors import ConfigError
-from megatron_tr1.models.qwen2_5_vl.config import VISION_NORM_EPS, _common
+from megatron_tr1.models.qwen2_5_vl.config import VISION_NORM_EPS, _common, head_dim, recompute_options
 from megatron_tr1.models.qwen2_5_vl.size import Dims
 
 # vision_config.hidden_act -> the function (HF ACT2FN names); the merger's GELU is always exact (nn.GELU())
@@ -23,10 +23,6 @@ VISION_ACTS = {"gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"
 for _name, _fn in VISION_ACTS.items():  # megatron-core's checkpointing code reads __name__
     if isinstance(_fn, functools.partial):
         _fn.__name__ = _name
-
-
-def head_dim(text) -> int:
-    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
 
 def validate_layout(hf_config, tp: int, pp: int) -> None:
@@ -60,11 +56,7 @@ def language_config(hf_config, tp: int = 1, pp: int = 1, params_dtype: torch.dty
     """The Qwen3 decoder config: GQA with its own head_dim, QK-norm (RMSNorm per head), no biases, RMSNorm,
     SwiGLU. The M-RoPE angles are the model's own (``language.InterleavedMRoPE``); ``mrope_section`` is kept for
     megatron's GPTModel. ``recompute``: "none", "selective" or "full" (as Qwen2.5-VL's)."""
-    if recompute not in ("none", "selective", "full"):
-        raise ConfigError(f"model.recompute={recompute!r} must be one of none, selective, full")
-    remat = {} if recompute == "none" else {"recompute_granularity": recompute}
-    if recompute == "full":
-        remat.update(recompute_method="uniform", recompute_num_layers=1)
+    remat = recompute_options(recompute)
     validate_layout(hf_config, tp, pp)
     text = hf_config.text_config
     return TransformerConfig(
