@@ -285,7 +285,7 @@ class RolloutPrompt:
     """One prompt. ``input_ids``: token ids with the video placeholder expanded (one ``<|video_pad|>`` per
     visual token, as the trainer sees them). ``video``: its patches (HF engine, positions). ``frames``: the
     decoded frames the patches came from (vLLM patchifies them itself; no second decode). ``key``: where it
-    comes from, ``(video path, query, think, problem)``, so another rank can build the same prompt
+    comes from, ``(video path, query, think, problem, clip)``, so another rank can build the same prompt
     (``PromptCache`` sets it)."""
 
     input_ids: list[int]

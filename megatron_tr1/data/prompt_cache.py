@@ -92,7 +92,8 @@ class PromptCache:
         self._videos.move_to_end(video)
         if key not in prompts:
             prompts[key] = dataclasses.replace(
-                prompt_in_mode(next(iter(prompts.values())), sample.query, self.tokenizer, think, sample.problem),
+                prompt_in_mode(next(iter(prompts.values())), sample.query, self.tokenizer, think, sample.problem,
+                               self.hf_config),
                 key=origin)
         return prompts[key]
 
@@ -126,7 +127,8 @@ def _nbytes(prompt: RolloutPrompt) -> int:
 
 
 def prompt_in_mode(prompt: RolloutPrompt, query: str, tokenizer, think: bool | str,
-                   problem: str | None = None) -> RolloutPrompt:
-    """``prompt``'s frames and patches with the text of ``query`` (or ``problem``) in the mode ``think``."""
-    ids = encode_prompt(tokenizer, query, prompt.video, think, problem)["input_ids"][0].tolist()
+                   problem: str | None = None, hf_config=None) -> RolloutPrompt:
+    """``prompt``'s frames and patches with the text of ``query`` (or ``problem``) in the mode ``think``, the video
+    expanded for ``hf_config``'s family."""
+    ids = encode_prompt(tokenizer, query, prompt.video, think, problem, hf_config)["input_ids"][0].tolist()
     return dataclasses.replace(prompt, input_ids=ids)
