@@ -128,6 +128,15 @@ def prepare_video(hf_config, frames) -> VideoInputs:
     return out
 
 
+def _common_config(mean, std, patch_size: int, processor_class: str) -> dict:
+    """The keys a family's image and video processor configs share: rescale, normalise with ``mean`` / ``std``,
+    bicubic resize, ``patch_size`` x temporal patch 2, merge 2."""
+    return {"do_rescale": True, "rescale_factor": RESCALE_FACTOR, "do_normalize": True, "image_mean": list(mean),
+            "image_std": list(std), "do_convert_rgb": True, "do_resize": True, "resample": 3,  # bicubic
+            "patch_size": patch_size, "temporal_patch_size": TEMPORAL_PATCH_SIZE, "merge_size": MERGE_SIZE,
+            "processor_class": processor_class}
+
+
 def hf_preprocessor_configs(family: str = QWEN2_5_VL) -> dict[str, dict]:
     """``preprocessor_config.json`` and ``video_preprocessor_config.json`` for a model directory of ``family``
     (``models.family``: "qwen2_5_vl" or "qwen3_vl"), matching this module's constants. Video pixel bounds admit
@@ -137,20 +146,7 @@ def hf_preprocessor_configs(family: str = QWEN2_5_VL) -> dict[str, dict]:
         return _qwen3_vl_preprocessor_configs()
     if family != QWEN2_5_VL:
         raise DataError(f"hf_preprocessor_configs: unknown family {family!r}; choose from {sorted(NAMES)}")
-    common = {
-        "do_rescale": True,
-        "rescale_factor": RESCALE_FACTOR,
-        "do_normalize": True,
-        "image_mean": list(OPENAI_CLIP_MEAN),
-        "image_std": list(OPENAI_CLIP_STD),
-        "do_convert_rgb": True,
-        "do_resize": True,
-        "resample": 3,  # bicubic
-        "patch_size": PATCH_SIZE,
-        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
-        "merge_size": MERGE_SIZE,
-        "processor_class": "Qwen2_5_VLProcessor",
-    }
+    common = _common_config(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PATCH_SIZE, "Qwen2_5_VLProcessor")
     image = {
         **common,
         "image_processor_type": "Qwen2VLImageProcessor",
@@ -182,20 +178,7 @@ def _qwen3_vl_preprocessor_configs() -> dict[str, dict]:
     """Qwen3-VL's processor configs: the released models' image processor (Qwen2VLImageProcessor, 16-pixel
     patches, mean = std = 0.5, its pixel bounds) and a ``Qwen3VLVideoProcessor`` that keeps sampled frames as they
     are (no frame sampling, bounds as ``QWEN3_VL_VIDEO_MIN_PIXELS`` / ``MAX_PIXELS``, no per-frame cap)."""
-    common = {
-        "do_rescale": True,
-        "rescale_factor": RESCALE_FACTOR,
-        "do_normalize": True,
-        "image_mean": list(QWEN3_VL_MEAN),
-        "image_std": list(QWEN3_VL_STD),
-        "do_convert_rgb": True,
-        "do_resize": True,
-        "resample": 3,  # bicubic
-        "patch_size": QWEN3_VL_PATCH_SIZE,
-        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
-        "merge_size": MERGE_SIZE,
-        "processor_class": "Qwen3VLProcessor",
-    }
+    common = _common_config(QWEN3_VL_MEAN, QWEN3_VL_STD, QWEN3_VL_PATCH_SIZE, "Qwen3VLProcessor")
     image = {
         **common,
         "image_processor_type": "Qwen2VLImageProcessor",
