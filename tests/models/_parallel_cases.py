@@ -120,27 +120,26 @@ def _microbatches(b: dict) -> list[dict]:
                  pixel_values_videos=b["pixel_values_videos"][starts[i]:starts[i] + n[i]]) for i in range(2)]
 
 
-def pp_case(rank, world, tp, tie):
-    """TP=tp x PP=2: logits via explicit stage-to-stage send; CE loss and grads via megatron's 1F1B."""
-    init_parallel(tp, 2)
-    hf = tiny_hf_model(0, tie_word_embeddings=tie)
-    model = tiny_mcore_model(hf)
-    b = inputs(hf.config, with_video=True)
-    first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+def stage_logits_diff(model, b: dict, hidden_size: int, ours, ref) -> dict:
+    """PP=2 logits by an explicit stage-to-stage send: ``{"first": bool}`` and, on the last stage, ``logits_diff``
+    between ``ours(model, b)`` and ``ref()``."""
+    first = ps.is_pipeline_first_stage()
     peer = ps.get_pipeline_model_parallel_next_rank() if first else ps.get_pipeline_model_parallel_prev_rank()
     out = {"first": first}
     with torch.no_grad():
         if first:
-            dist.send(mcore_logits(model, b).contiguous(), peer)
+            dist.send(ours(model, b).contiguous(), peer)
         else:
-            hidden = torch.empty(b["input_ids"].shape[1], 2, hf.config.text_config.hidden_size)
+            hidden = torch.empty(b["input_ids"].shape[1], 2, hidden_size)
             dist.recv(hidden, peer)
             model.set_input_tensor(hidden)
-            out["logits_diff"] = max_diff(mcore_logits(model, b), hf_logits(hf, b, b["position_ids"]), b)
+            out["logits_diff"] = max_diff(ours(model, b), ref(), b)
+    return out
 
-    micro = _microbatches(b)
-    total = int((b["labels"] != -100).sum())
 
+def run_1f1b(model, micro: list[dict], seq_length: int, total: int) -> list:
+    """Megatron's pipeline schedule over ``micro`` (one row each), the loss a token-mean CE over ``total`` tokens;
+    gradients zeroed first. Returns the schedule's per-micro-batch losses (last stage)."""
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         output = model(mb["input_ids"], mb["position_ids"], mb["attention_mask"], labels=mb["labels"],
@@ -152,10 +151,22 @@ def pp_case(rank, world, tp, tie):
         return output, loss_func
 
     model.zero_grad()
-    losses = get_forward_backward_func()(
+    return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(micro), model=[model], num_microbatches=len(micro),
-        seq_length=b["input_ids"].shape[1], micro_batch_size=1, forward_only=False)
-    if last:
+        seq_length=seq_length, micro_batch_size=1, forward_only=False)
+
+
+def pp_case(rank, world, tp, tie):
+    """TP=tp x PP=2: logits via explicit stage-to-stage send; CE loss and grads via megatron's 1F1B."""
+    init_parallel(tp, 2)
+    hf = tiny_hf_model(0, tie_word_embeddings=tie)
+    model = tiny_mcore_model(hf)
+    b = inputs(hf.config, with_video=True)
+    out = stage_logits_diff(model, b, hf.config.text_config.hidden_size, mcore_logits,
+                            lambda: hf_logits(hf, b, b["position_ids"]))
+    micro = _microbatches(b)
+    losses = run_1f1b(model, micro, b["input_ids"].shape[1], int((b["labels"] != -100).sum()))
+    if ps.is_pipeline_last_stage():
         out["loss"] = sum(x["loss"] for x in losses).item() / len(micro)
         out["hf_loss"] = mean_ce(hf_logits(hf, b, b["position_ids"]), b["labels"]).item()
     out["grads"] = {(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()): grads(model)}

@@ -8,9 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from _parallel_cases import grads, max_diff, mean_ce
+from _parallel_cases import grads, max_diff, mean_ce, run_1f1b, stage_logits_diff
 from megatron_tr1.demo import tiny_qwen3_vl_model
 from megatron_tr1.distributed import init_parallel
 from megatron_tr1.testing.reference import mcore_to_hf_state
@@ -152,35 +151,11 @@ def pp_case(rank, world, tp, tie, recompute="none"):
     hf = tiny_qwen3_vl_model(0, tie_word_embeddings=tie)
     model = tiny_mcore_qwen3_vl(hf, recompute=recompute)
     b = inputs(hf, with_video=True)
-    first = ps.is_pipeline_first_stage()
-    peer = ps.get_pipeline_model_parallel_next_rank() if first else ps.get_pipeline_model_parallel_prev_rank()
-    out = {"first": first}
-    with torch.no_grad():
-        if first:
-            dist.send(mcore_logits(model, b).contiguous(), peer)
-        else:
-            hidden = torch.empty(b["input_ids"].shape[1], 2, hf.config.text_config.hidden_size)
-            dist.recv(hidden, peer)
-            model.set_input_tensor(hidden)
-            out["logits_diff"] = max_diff(mcore_logits(model, b), hf_logits(hf, b, b["position_ids"]), b)
+    out = stage_logits_diff(model, b, hf.config.text_config.hidden_size, mcore_logits,
+                            lambda: hf_logits(hf, b, b["position_ids"]))
     model.train()
     micro = _microbatches(b)
-    total = int((b["labels"] != -100).sum())
-
-    def forward_step(data_iterator, model):
-        mb = next(data_iterator)
-        output = model(mb["input_ids"], mb["position_ids"], mb["attention_mask"], labels=mb["labels"],
-                       pixel_values_videos=mb["pixel_values_videos"], video_grid_thw=mb["video_grid_thw"])
-
-        def loss_func(per_token):  # the schedule divides by the number of micro-batches
-            loss = (per_token * (mb["labels"] != -100)).sum() * len(micro) / total
-            return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
-        return output, loss_func
-
-    model.zero_grad()
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro), model=[model], num_microbatches=len(micro),
-        seq_length=b["input_ids"].shape[1], micro_batch_size=1, forward_only=False)
+    losses = run_1f1b(model, micro, b["input_ids"].shape[1], int((b["labels"] != -100).sum()))
     if ps.is_pipeline_last_stage():
         out["loss"] = sum(x["loss"] for x in losses).item() / len(micro)
         out["hf_loss"] = mean_ce(hf_logits(hf, b, b["position_ids"]), b["labels"]).item()
