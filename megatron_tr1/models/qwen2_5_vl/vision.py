@@ -61,19 +61,21 @@ def rotary_freqs(grid_thw: torch.Tensor, merge: int, head_dim: int, theta: float
 
 
 class PatchEmbed(torch.nn.Module):
-    """HF's Conv3d over (T, P, P) patches without bias (its weight layout, for checkpoints). The input rows are
-    already cut into patches and the stride equals the kernel, so it is computed as one matmul (a Conv3d over
-    ``[n, C, T, P, P]`` runs ~4x slower on CPU, forward and backward)."""
+    """HF's Conv3d over (T, P, P) patches (its weight layout, for checkpoints), with a bias where the family has one
+    (Qwen3-VL). The input rows are already cut into patches and the stride equals the kernel, so it is computed as one
+    matmul (a Conv3d over ``[n, C, T, P, P]`` runs ~4x slower on CPU, forward and backward)."""
 
-    def __init__(self, vision_hf_config, dtype: torch.dtype):
+    def __init__(self, vision_hf_config, dtype: torch.dtype, bias: bool = False):
         super().__init__()
         c = vision_hf_config
         kernel = (c.temporal_patch_size, c.patch_size, c.patch_size)
-        self.proj = torch.nn.Conv3d(c.in_channels, c.hidden_size, kernel, stride=kernel, bias=False, dtype=dtype)
+        self.proj = torch.nn.Conv3d(c.in_channels, c.hidden_size, kernel, stride=kernel, bias=bias, dtype=dtype)
+        if bias:  # Qwen3-VL's; starts at zero until weights are loaded
+            torch.nn.init.zeros_(self.proj.bias)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         weight = self.proj.weight
-        return F.linear(patches.reshape(-1, weight[0].numel()).to(weight.dtype), weight.flatten(1))
+        return F.linear(patches.reshape(-1, weight[0].numel()).to(weight.dtype), weight.flatten(1), self.proj.bias)
 
 
 class PatchMerger(MegatronModule):

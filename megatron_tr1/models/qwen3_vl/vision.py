@@ -60,18 +60,6 @@ def interpolation_taps(grid_thw: torch.Tensor, merge: int, side: int) -> tuple[t
     return index, weight
 
 
-class BiasedPatchEmbed(PatchEmbed):
-    """Qwen2.5-VL's ``PatchEmbed`` (one matmul) with the Conv3d bias Qwen3-VL has."""
-
-    def __init__(self, vision_hf_config, dtype: torch.dtype):
-        super().__init__(vision_hf_config, dtype)
-        self.proj.bias = torch.nn.Parameter(torch.zeros(vision_hf_config.hidden_size, dtype=dtype))
-
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        weight = self.proj.weight
-        return F.linear(patches.reshape(-1, weight[0].numel()).to(weight.dtype), weight.flatten(1), self.proj.bias)
-
-
 class PatchMerger(MegatronModule):
     """LayerNorm, concatenation of each 2x2 merge unit, fc1 (column-parallel) -> exact GELU -> fc2 (row-parallel).
     ``postshuffle``: the norm runs over the concatenation (DeepStack mergers), else over each patch."""
@@ -108,7 +96,7 @@ class VisionTower(MegatronModule):
         self.rope_theta = (getattr(vc, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
         self.side = int(vc.num_position_embeddings ** 0.5)
         self.deepstack_indexes = list(vc.deepstack_visual_indexes)
-        self.patch_embed = BiasedPatchEmbed(vc, config.params_dtype)
+        self.patch_embed = PatchEmbed(vc, config.params_dtype, bias=True)
         self.pos_embed = torch.nn.Embedding(vc.num_position_embeddings, vc.hidden_size, dtype=config.params_dtype)
         self.decoder = TransformerBlock(config, specs.vision_layer, post_layer_norm=False)
         self.merger = PatchMerger(config, vc.hidden_size, self.merge, vc.out_hidden_size, postshuffle=False)
