@@ -14,6 +14,17 @@ from megatron_tr1.demo import TINY_SPECIAL_TOKENS
 VIDEO_GRID_THW = (2, 8, 12)  # (t, h, w) in patches: 2 x 4 x 6 = 48 merged tokens per video
 
 
+def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded with 0 to one length: ``input_ids`` and ``attention_mask`` (1 = token) ``[b, s]``."""
+    length = max(map(len, rows))
+    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, length - len(row):] = torch.tensor(row)
+        attention_mask[i, length - len(row):] = 1
+    return input_ids, attention_mask
+
+
 def tiny_video_batch(config: Qwen2_5_VLConfig, seed: int = 0, with_video: bool = True) -> dict:
     """Two left-padded prompts of different lengths; with a video, each holds one of two videos.
 
@@ -32,12 +43,7 @@ def tiny_video_batch(config: Qwen2_5_VLConfig, seed: int = 0, with_video: bool =
         video = ([TINY_SPECIAL_TOKENS["<|vision_start|>"]] + [config.video_token_id] * n_video
                  + [TINY_SPECIAL_TOKENS["<|vision_end|>"]]) if with_video else []
         rows.append(words[:prefix] + video + words[prefix:])
-    length = max(map(len, rows))
-    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, length - len(row):] = torch.tensor(row)
-        attention_mask[i, length - len(row):] = 1
+    input_ids, attention_mask = left_pad(rows)
     batch = dict(input_ids=input_ids, attention_mask=attention_mask)
     if with_video:
         patch = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from megatron_tr1.demo import TINY_SPECIAL_TOKENS
+from megatron_tr1.testing.tiny_model import left_pad
 
 VIDEO_GRIDS = ((2, 8, 12), (2, 4, 8))  # (t, h, w) in patches of the two videos: 2 x 4 x 6 and 2 x 2 x 4 merged
 IMAGE_GRID = (1, 4, 4)  # 2 x 2 merged tokens
@@ -43,12 +44,7 @@ def tiny_qwen3_vl_batch(config, seed: int = 0, with_video: bool = True, with_ima
             for _ in range(t):
                 row += words(2) + _vision_run(config.video_token_id, h * w // merge)
         rows.append(row + words(suffix))
-    length = max(map(len, rows))
-    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, length - len(row):] = torch.tensor(row)
-        attention_mask[i, length - len(row):] = 1
+    input_ids, attention_mask = left_pad(rows)
     types = torch.zeros_like(input_ids)
     types[input_ids == config.image_token_id] = MM_TYPES["image"]
     types[input_ids == config.video_token_id] = MM_TYPES["video"]
